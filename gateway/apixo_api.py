@@ -1,0 +1,130 @@
+"""The APIXO-compatible endpoints: generateTask, statusTask, current-balance."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway.appkeys import GATEWAY
+from gateway.cache import canonical_json
+from gateway.config import TeamConfig
+from gateway.core import SubmitOptions
+from gateway.errors import APIError
+from gateway.money import micros_to_usd
+from gateway.tasks import status_envelope
+from gateway.validation import invalid, validate_submit
+
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+
+def _team(request: web.Request) -> TeamConfig:
+    team = request.app[GATEWAY].authenticate(request.headers.get("Authorization"))
+    request["team"] = team.name
+    return team
+
+
+def _model(request: web.Request) -> str:
+    model = request.match_info["model"]
+    pricing = request.app[GATEWAY].config.pricing
+    if model not in pricing:
+        served = ", ".join(sorted(pricing)) or "none"
+        raise APIError(404, f"Model {model!r} is not served by this gateway (served: {served})",
+                       message="Model not found")
+    request["model"] = model
+    return model
+
+
+async def _json_body(request: web.Request) -> Any:
+    limit = request.app[GATEWAY].config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise APIError(413, f"Request body is {request.content_length} bytes; "
+                       f"server.max_body_bytes is {limit}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(413, f"Request body exceeds server.max_body_bytes ({limit})") from None
+    if len(raw) > limit:
+        raise APIError(413, f"Request body is {len(raw)} bytes; server.max_body_bytes is {limit}")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"Request body is not valid JSON: {exc}") from None
+
+
+def _cache_control(request: web.Request) -> tuple[bool, bool]:
+    directives = {
+        part.strip().split("=", 1)[0].lower()
+        for header in request.headers.getall("Cache-Control", [])
+        for part in header.split(",")
+    }
+    return "no-cache" in directives, "no-store" in directives
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise invalid(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    return key
+
+
+async def generate_task(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    team = _team(request)
+    model = _model(request)
+    body = await _json_body(request)
+    submission = validate_submit(model, body)
+    no_cache, no_store = _cache_control(request)
+    opts = SubmitOptions(
+        body_hash=hashlib.sha256(canonical_json(body).encode()).hexdigest(),
+        idempotency_key=_idempotency_key(request),
+        no_cache=no_cache,
+        no_store=no_store,
+    )
+    # Shielded: a client that disconnects mid-submit must not abort the
+    # pipeline half-way (a reservation without its upstream task, or the reverse).
+    result = await asyncio.shield(gateway.submit(team, submission, opts))
+    request["cache"] = result.cache
+    request["task_id"] = result.task_id
+    headers = {"X-Gateway-Cache": result.cache}
+    if result.replayed:
+        headers["X-Gateway-Idempotent-Replay"] = "true"
+    return web.json_response(
+        {"code": 200, "message": "success", "data": {"taskId": result.task_id}}, headers=headers
+    )
+
+
+async def status_task(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    team = _team(request)
+    model = _model(request)
+    task_id = request.query.get("taskId", "").strip()
+    if not task_id:
+        raise invalid("Missing required query parameter: taskId")
+    task = await gateway.get_task(task_id)
+    # Another team's task is indistinguishable from one that does not exist.
+    if task is None or task.team != team.name or task.model != model:
+        raise APIError(404, f"Task {task_id!r} not found", message="Task not found")
+    request["task_id"] = task.id
+    return web.json_response(status_envelope(task, gateway.shown_state(task)))
+
+
+async def current_balance(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    team = _team(request)
+    view = await gateway.budgets.view(team)
+    remaining = view.remaining
+    data = None if remaining is None else micros_to_usd(remaining)
+    return web.json_response({"code": 200, "message": "success", "data": data})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/v1/generateTask/{model}", generate_task)
+    app.router.add_get("/api/v1/statusTask/{model}", status_task)
+    app.router.add_get("/api/v1/apikeys/current-balance", current_balance)

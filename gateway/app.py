@@ -1,0 +1,197 @@
+"""The aiohttp app factory: routes, middlewares, and resources opened through cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from gateway import admin_api, apixo_api, ops_api
+from gateway.appkeys import CONFIG, GATEWAY, METRICS, MOCK_UPSTREAM, UPSTREAM_KEY, UPSTREAM_URL
+from gateway.callbacks import Callbacks
+from gateway.config import Config
+from gateway.core import Gateway
+from gateway.errors import APIError
+from gateway.metrics import Metrics
+from gateway.simulator import create_simulator_app
+from gateway.store import Store
+from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway.access")
+
+
+MAINTENANCE_INTERVAL_SECONDS = 300.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _endpoint(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    canonical = info.canonical if info is not None else ""
+    if "/generateTask/" in canonical:
+        return "generateTask"
+    if "/statusTask/" in canonical:
+        return "statusTask"
+    if canonical.endswith("current-balance"):
+        return "current-balance"
+    if canonical.startswith("/admin"):
+        return "admin"
+    if canonical == "/metrics":
+        return "metrics"
+    if canonical in ("/healthz", "/readyz"):
+        return "health"
+    return "other"
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn errors into APIXO envelopes; count, time and log every request once."""
+    started = time.perf_counter()
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request["request_id"] = request_id
+    metrics = request.app[METRICS]
+    try:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            raise APIError(exc.status, exc.reason, message=exc.reason) from None
+    except APIError as exc:
+        response = web.json_response(exc.envelope(), status=exc.code, headers=exc.headers)
+        request["error"] = exc.error
+        if exc.reason is not None:
+            metrics.rejections.labels(request.get("team", "none"), exc.reason).inc()
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request_id, "path": request.path})
+        response = web.json_response(
+            {"code": 500, "message": "Internal error",
+             "data": {"error": f"internal gateway error; request id {request_id}"}},
+            status=500,
+        )
+    response.headers["X-Request-Id"] = request_id
+    elapsed = time.perf_counter() - started
+    endpoint = _endpoint(request)
+    team = request.get("team", "none")
+    model = request.get("model", "none")
+    metrics.requests.labels(endpoint, model, team, str(response.status)).inc()
+    metrics.request_duration.labels(endpoint).observe(elapsed)
+    if endpoint != "metrics":
+        log.info("request", extra={
+            "event": "request", "request_id": request_id, "method": request.method,
+            "path": request.path, "endpoint": endpoint, "team": team, "model": model,
+            "status": response.status, "cache": request.get("cache"),
+            "task_id": request.get("task_id"), "error": request.get("error"),
+            "duration_ms": round(elapsed * 1000, 3),
+        })
+    return response
+
+
+async def _simulator_ctx(app: web.Application) -> AsyncIterator[None]:
+    """--mock-upstream: the bundled simulator on a loopback port of this process."""
+    if not app[MOCK_UPSTREAM]:
+        yield
+        return
+    sim = create_simulator_app(latency=2.0, fail_rate=0.0)
+    runner = web.AppRunner(sim, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    app[UPSTREAM_URL] = f"http://127.0.0.1:{port}/api/v1"
+    logging.getLogger("gateway").info(
+        "mock upstream running", extra={"upstream": app[UPSTREAM_URL]}
+    )
+    yield
+    await runner.cleanup()
+
+
+async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    store = Store(config.storage.path)
+    await store.open()
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max(100, config.upstream.max_concurrent * 2)),
+    )
+    upstream = Upstream(
+        session,
+        base_url=app[UPSTREAM_URL],
+        api_key=app[UPSTREAM_KEY],
+        timeout_seconds=config.upstream.request_timeout_seconds,
+        max_retries=config.upstream.max_retries,
+        metrics=metrics,
+    )
+    secret_env = config.callbacks.signing_secret_env
+    gateway_ref: list[Gateway] = []
+
+    async def load_task(task_id: str) -> object:
+        return await gateway_ref[0].get_task(task_id)
+
+    callbacks = Callbacks(
+        store, session, config.callbacks, metrics, load_task,  # type: ignore[arg-type]
+        os.environ.get(secret_env) or None,
+    )
+    gateway = Gateway(config, store, upstream, metrics, callbacks)
+    gateway_ref.append(gateway)
+    app[GATEWAY] = gateway
+    await gateway.resume()
+    await callbacks.start()
+    maintenance = asyncio.create_task(_maintenance(gateway), name="maintenance")
+    try:
+        yield
+    finally:
+        maintenance.cancel()
+        await asyncio.gather(maintenance, return_exceptions=True)
+        await callbacks.stop()
+        await gateway.stop()
+        await session.close()
+        await store.close()
+
+
+async def _maintenance(gateway: Gateway) -> None:
+    """Sweep expired cache entries and idempotency keys in the background, not only on read."""
+    from gateway.store import IDEMPOTENCY_TTL_MS
+    from gateway.tasks import now_ms
+
+    while True:
+        try:
+            now = now_ms()
+            removed = await gateway.store.cache_sweep(now, gateway.config.cache.max_entries)
+            gateway.cache.forget_expired(now)
+            keys = await gateway.store.idempotency_sweep(now - IDEMPOTENCY_TTL_MS)
+            if removed or keys:
+                logging.getLogger("gateway").info(
+                    "swept", extra={"cache_entries": removed, "idempotency_keys": keys}
+                )
+        except Exception:
+            logging.getLogger("gateway").exception("maintenance sweep failed; will retry")
+        await asyncio.sleep(MAINTENANCE_INTERVAL_SECONDS)
+
+
+def create_app(
+    config: Config, *, upstream_key: str = "", mock_upstream: bool = False,
+    upstream_url: str | None = None,
+) -> web.Application:
+    app = web.Application(
+        middlewares=[observe], client_max_size=config.server.max_body_bytes, handler_args=None,
+    )
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[UPSTREAM_KEY] = upstream_key or ("simulator" if mock_upstream else "")
+    app[UPSTREAM_URL] = upstream_url or config.upstream.base_url
+    app[MOCK_UPSTREAM] = mock_upstream
+    app.cleanup_ctx.append(_simulator_ctx)
+    app.cleanup_ctx.append(_gateway_ctx)
+    apixo_api.add_routes(app)
+    admin_api.add_routes(app)
+    ops_api.add_routes(app)
+    return app

@@ -1,0 +1,114 @@
+"""Request identity, the result cache (SQLite behind an in-memory front) and in-flight joining."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachetools import LRUCache
+
+from gateway.store import CacheEntry, Store
+
+
+def canonical_json(value: Any) -> str:
+    """Key order and formatting never change a request's identity."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_identity(model: str, input_: dict[str, Any], provider: str) -> str:
+    payload = canonical_json({"model": model, "input": input_, "provider": provider})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cache_key(identity: str, scope: str, team: str) -> str:
+    # The scope is part of the key so switching scope never serves across teams.
+    return f"team:{team}:{identity}" if scope == "team" else f"global:{identity}"
+
+
+class ResultCache:
+    """Successful results by cache key; SQLite is the truth, memory answers hot keys."""
+
+    def __init__(self, store: Store, memory_entries: int) -> None:
+        self._store = store
+        self._front: LRUCache[str, CacheEntry] = LRUCache(maxsize=memory_entries)
+
+    def get_hot(self, key: str, now_ms: int) -> CacheEntry | None:
+        entry = self._front.get(key)
+        if entry is not None and entry.expires_ms <= now_ms:
+            self._front.pop(key, None)
+            return None
+        return entry
+
+    async def get(self, key: str, now_ms: int) -> CacheEntry | None:
+        entry = self.get_hot(key, now_ms)
+        if entry is None:
+            entry = await self._store.cache_get(key, now_ms)
+            if entry is not None:
+                self._front[key] = entry
+        return entry
+
+    def remember(self, entry: CacheEntry) -> None:
+        self._front[entry.key] = entry
+
+    def forget_expired(self, now_ms: int) -> None:
+        for key in [k for k, e in self._front.items() if e.expires_ms <= now_ms]:
+            self._front.pop(key, None)
+
+
+@dataclass
+class Flight:
+    """An identity being worked on upstream; identical requests join its leader.
+
+    `ready` resolves to the leader's task id once the upstream task exists, or to
+    None if the leader never got there (budget, limits, upstream refusal): the
+    waiters then run the whole decision again themselves.
+    """
+
+    ready: asyncio.Future[str | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    leader_id: str | None = None
+
+
+class Flights:
+    def __init__(self) -> None:
+        self._by_key: dict[str, Flight] = {}
+        self._by_leader: dict[str, str] = {}
+
+    def get(self, key: str) -> Flight | None:
+        return self._by_key.get(key)
+
+    def start(self, key: str) -> Flight:
+        flight = Flight()
+        self._by_key[key] = flight
+        return flight
+
+    def lift_off(self, key: str, flight: Flight, leader_id: str) -> None:
+        flight.leader_id = leader_id
+        self._by_leader[leader_id] = key
+        if not flight.ready.done():
+            flight.ready.set_result(leader_id)
+
+    def adopt(self, key: str, leader_id: str) -> None:
+        """Make an in-flight task found at startup joinable again."""
+        flight = self.start(key)
+        self.lift_off(key, flight, leader_id)
+
+    def abort(self, key: str, flight: Flight) -> None:
+        if self._by_key.get(key) is flight:
+            del self._by_key[key]
+        if not flight.ready.done():
+            flight.ready.set_result(None)
+
+    def land(self, leader_id: str) -> None:
+        key = self._by_leader.pop(leader_id, None)
+        if key is not None:
+            flight = self._by_key.get(key)
+            if flight is not None and flight.leader_id == leader_id:
+                del self._by_key[key]
+
+    def __len__(self) -> int:
+        return len(self._by_key)

@@ -1,0 +1,151 @@
+"""Command line: serve, mock-upstream, check-config, usage, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.logs import setup_logging
+
+log = logging.getLogger("gateway")
+
+DEFAULT_CONFIG = "config.toml"
+
+
+def _load(path: str, *, required: bool) -> Config:
+    if not Path(path).exists() and not required:
+        return Config(source="<defaults>")
+    return load_config(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.app import create_app
+    from gateway.appkeys import GATEWAY
+
+    explicit = args.config is not None
+    path = args.config or DEFAULT_CONFIG
+    try:
+        config = _load(path, required=explicit)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging.format, config.logging.level)
+    key = os.environ.get(config.upstream.api_key_env, "")
+    if not key and not args.mock_upstream:
+        print(
+            f"error: environment variable {config.upstream.api_key_env} is not set; set it to "
+            "your APIXO API key, or run with --mock-upstream to use the bundled simulator",
+            file=sys.stderr,
+        )
+        return 2
+    for team in config.teams:
+        if team.plain_keys:
+            log.warning("team %s has a plain: API key in the config; store sha256: hashes "
+                        "instead (apixo-gateway keys new)", team.name)
+    if not config.teams:
+        log.warning("no [[teams]] configured: every request will get 401")
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    app = create_app(config, upstream_key=key, mock_upstream=args.mock_upstream)
+
+    async def on_startup(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+
+        def reload() -> None:
+            try:
+                fresh = load_config(path) if Path(path).exists() else Config(source="<defaults>")
+            except ConfigError as exc:
+                log.error("SIGHUP: config not reloaded, it has errors",
+                          extra={"problems": exc.problems})
+                return
+            app[GATEWAY].apply_config(fresh)
+            app[GATEWAY].callbacks.apply_config(fresh.callbacks)
+            log.info("SIGHUP: reloaded teams, budgets and limits", extra={"config": path})
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+    async def on_ready(app: web.Application) -> None:
+        log.info("apixo-gateway listening", extra={
+            "url": f"http://{host}:{port}/api/v1", "config": config.source,
+            "mock_upstream": args.mock_upstream, "teams": len(config.teams),
+        })
+
+    app.on_startup.append(on_startup)
+    app.on_startup.append(on_ready)
+    web.run_app(
+        app, host=host, port=port, access_log=None, print=None,
+        shutdown_timeout=config.upstream.request_timeout_seconds + 5,
+    )
+    log.info("apixo-gateway stopped")
+    return 0
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from gateway.simulator import create_simulator_app
+
+    setup_logging("text", "INFO")
+    app = create_simulator_app(latency=args.latency, fail_rate=args.fail_rate)
+    print(f"APIXO simulator on http://{args.host}:{args.port}/api/v1 "
+          f"(latency {args.latency:g} s, fail rate {args.fail_rate:g})", flush=True)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.config or DEFAULT_CONFIG
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{path}: OK ({len(config.teams)} teams, models: {', '.join(sorted(config.pricing))})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apixo-gateway",
+        description="A local proxy gateway for the APIXO image-generation API.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help=f"config file (default ./{DEFAULT_CONFIG})")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--mock-upstream", action="store_true",
+                       help="use the bundled APIXO simulator as upstream (no key needed)")
+    serve.set_defaults(func=cmd_serve)
+
+    mock = sub.add_parser("mock-upstream", help="run the APIXO simulator alone")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8090)
+    mock.add_argument("--latency", type=float, default=2.0, help="seconds until a task is final")
+    mock.add_argument("--fail-rate", type=float, default=0.0, help="share of tasks that fail")
+    mock.set_defaults(func=cmd_mock_upstream)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("--config")
+    check.set_defaults(func=cmd_check_config)
+
+    from gateway import reports
+
+    reports.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

@@ -1,0 +1,356 @@
+"""config.toml -> frozen, validated dataclasses.
+
+Unknown keys are errors: a typo such as `budget_ud` must never silently
+disable a budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from gateway.money import Micros, usd_to_micros
+
+BUDGET_PERIODS = ("total", "daily", "weekly", "monthly")
+CACHE_SCOPES = ("global", "team")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each prefixed by its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    base_url: str = "https://api.apixo.ai/api/v1"
+    api_key_env: str = "APIXO_API_KEY"
+    max_concurrent: int = 32
+    request_timeout_seconds: float = 30.0
+    max_retries: int = 3
+    first_poll_seconds: float = 15.0
+    poll_interval_seconds: float = 3.0
+    task_timeout_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "gateway.db"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = True
+    ttl_seconds: int = 1_209_600
+    scope: str = "global"
+    memory_entries: int = 10_000
+    max_entries: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class CallbacksConfig:
+    allow_http: bool = False
+    allow_private_networks: bool = False
+    max_attempts: int = 8
+    signing_secret_env: str = "GATEWAY_WEBHOOK_SECRET"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    token_env: str = "GATEWAY_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "json"
+    level: str = "INFO"
+    log_prompts: bool = False
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    name: str
+    key_hashes: tuple[bytes, ...]
+    plain_keys: bool = False
+    budget: Micros | None = None
+    budget_period: str = "monthly"
+    max_concurrent: int | None = None
+    requests_per_minute: int | None = None
+
+    @property
+    def budget_usd(self) -> float | None:
+        return None if self.budget is None else self.budget / 1_000_000
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    pricing: dict[str, Micros] = field(default_factory=lambda: {"grok-image": 100_000})
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    teams: tuple[TeamConfig, ...] = ()
+    source: str = "<defaults>"
+
+    def team(self, name: str) -> TeamConfig | None:
+        for team in self.teams:
+            if team.name == name:
+                return team
+        return None
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "storage": StorageConfig,
+    "cache": CacheConfig,
+    "callbacks": CallbacksConfig,
+    "admin": AdminConfig,
+    "logging": LoggingConfig,
+}
+
+_POSITIVE = {
+    "server.port",
+    "server.max_body_bytes",
+    "upstream.max_concurrent",
+    "upstream.request_timeout_seconds",
+    "upstream.poll_interval_seconds",
+    "upstream.task_timeout_seconds",
+    "cache.ttl_seconds",
+    "cache.memory_entries",
+    "cache.max_entries",
+    "callbacks.max_attempts",
+}
+
+_CHOICES = {
+    "cache.scope": CACHE_SCOPES,
+    "logging.format": ("json", "text"),
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def _type_name(default: Any) -> str:
+    if isinstance(default, bool):
+        return "a boolean"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    return "a string"
+
+
+def _section(name: str, raw: Any, cls: type, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{name}: must be a table")
+        return cls()
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{name}.{key}"
+        if not hasattr(defaults, key):
+            problems.append(f"{path}: unknown key")
+            continue
+        default = getattr(defaults, key)
+        if not _type_ok(value, default):
+            problems.append(f"{path}: must be {_type_name(default)}, got {value!r}")
+            continue
+        if isinstance(default, float):
+            value = float(value)
+        if path in _POSITIVE and value <= 0:
+            problems.append(f"{path}: must be greater than 0, got {value!r}")
+            continue
+        if value is not None and not isinstance(value, bool) and isinstance(value, int | float):
+            if value < 0:
+                problems.append(f"{path}: must not be negative, got {value!r}")
+                continue
+        if path in _CHOICES and value not in _CHOICES[path]:
+            choices = ", ".join(repr(c) for c in _CHOICES[path])
+            problems.append(f"{path}: must be one of {choices}, got {value!r}")
+            continue
+        values[key] = value
+    if name == "upstream" and "base_url" in values:
+        if not str(values["base_url"]).startswith(("http://", "https://")):
+            problems.append("upstream.base_url: must start with http:// or https://")
+    if name == "server" and "port" in values and values["port"] > 65535:
+        problems.append("server.port: must be at most 65535")
+    return cls(**values)
+
+
+def _price(path: str, value: Any, problems: list[str]) -> Micros | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        problems.append(f"{path}: must be a number of USD, got {value!r}")
+        return None
+    try:
+        micros = usd_to_micros(Decimal(str(value)))
+    except (InvalidOperation, ValueError):
+        problems.append(f"{path}: not a valid amount: {value!r}")
+        return None
+    if micros < 0:
+        problems.append(f"{path}: must not be negative, got {value!r}")
+        return None
+    return micros
+
+
+def _key_hash(path: str, entry: Any, problems: list[str]) -> tuple[bytes | None, bool]:
+    if not isinstance(entry, str):
+        problems.append(f"{path}: must be a string 'sha256:<hex>' or 'plain:<key>'")
+        return None, False
+    if entry.startswith("sha256:"):
+        hexpart = entry[len("sha256:"):].strip().lower()
+        try:
+            digest = bytes.fromhex(hexpart)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            problems.append(f"{path}: 'sha256:' must be followed by 64 hex characters")
+            return None, False
+        return digest, False
+    if entry.startswith("plain:"):
+        key = entry[len("plain:"):]
+        if not key:
+            problems.append(f"{path}: 'plain:' key is empty")
+            return None, False
+        return hashlib.sha256(key.encode()).digest(), True
+    problems.append(f"{path}: must start with 'sha256:' or 'plain:'")
+    return None, False
+
+
+_TEAM_KEYS = {
+    "name", "api_keys", "budget_usd", "budget_period", "max_concurrent", "requests_per_minute",
+}
+
+
+def _team(index: int, raw: Any, problems: list[str]) -> TeamConfig | None:
+    base = f"teams[{index}]"
+    if not isinstance(raw, dict):
+        problems.append(f"{base}: must be a table")
+        return None
+    for key in raw:
+        if key not in _TEAM_KEYS:
+            problems.append(f"{base}.{key}: unknown key")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append(f"{base}.name: required, a non-empty string")
+        return None
+    base = f"teams[{index}] ({name})"
+    keys = raw.get("api_keys", [])
+    hashes: list[bytes] = []
+    plain = False
+    if not isinstance(keys, list) or not keys:
+        problems.append(f"{base}.api_keys: required, a non-empty list")
+    else:
+        for i, entry in enumerate(keys):
+            digest, is_plain = _key_hash(f"{base}.api_keys[{i}]", entry, problems)
+            if digest is not None:
+                hashes.append(digest)
+                plain = plain or is_plain
+    budget = None
+    if "budget_usd" in raw:
+        budget = _price(f"{base}.budget_usd", raw["budget_usd"], problems)
+    period = raw.get("budget_period", "monthly")
+    if period not in BUDGET_PERIODS:
+        choices = ", ".join(repr(p) for p in BUDGET_PERIODS)
+        problems.append(f"{base}.budget_period: must be one of {choices}, got {period!r}")
+        period = "monthly"
+    limits: dict[str, int | None] = {}
+    for key in ("max_concurrent", "requests_per_minute"):
+        value = raw.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value <= 0
+        ):
+            problems.append(f"{base}.{key}: must be a positive integer, got {value!r}")
+            value = None
+        limits[key] = value
+    return TeamConfig(
+        name=name,
+        key_hashes=tuple(hashes),
+        plain_keys=plain,
+        budget=budget,
+        budget_period=period,
+        max_concurrent=limits["max_concurrent"],
+        requests_per_minute=limits["requests_per_minute"],
+    )
+
+
+def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    pricing: dict[str, Micros] = {"grok-image": 100_000}
+    teams: list[TeamConfig] = []
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            sections[key] = _section(key, value, _SECTIONS[key], problems)
+        elif key == "pricing":
+            if not isinstance(value, dict):
+                problems.append("pricing: must be a table of model = USD per image")
+                continue
+            pricing = {}
+            for model, price in value.items():
+                micros = _price(f"pricing.{model}", price, problems)
+                if micros is not None:
+                    pricing[model] = micros
+        elif key == "teams":
+            if not isinstance(value, list):
+                problems.append("teams: must be an array of tables ([[teams]])")
+                continue
+            for i, entry in enumerate(value):
+                team = _team(i, entry, problems)
+                if team is not None:
+                    teams.append(team)
+        else:
+            problems.append(f"{key}: unknown key")
+    seen_names: set[str] = set()
+    seen_keys: dict[bytes, str] = {}
+    for team in teams:
+        if team.name in seen_names:
+            problems.append(f"teams: duplicate team name {team.name!r}")
+        seen_names.add(team.name)
+        for digest in team.key_hashes:
+            other = seen_keys.get(digest)
+            if other is not None and other != team.name:
+                problems.append(f"teams: the same API key is used by {other!r} and {team.name!r}")
+            seen_keys[digest] = team.name
+    if problems:
+        raise ConfigError(problems)
+    return Config(pricing=pricing, teams=tuple(teams), source=source, **sections)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return parse_config(raw, source=str(path))

@@ -1,0 +1,405 @@
+"""The submit pipeline and the task lifecycle: one place where a request becomes upstream work.
+
+handler -> Gateway.submit: idempotency -> rate -> cache (hit / join) ->
+concurrency lease -> budget reservation -> upstream; the tracker reports the
+outcome to Gateway.finish, which settles money once and fans out to joined
+tasks, the cache, metrics and the webhook outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from cachetools import LRUCache
+
+from gateway.budget import Budgets, utc_today
+from gateway.cache import Flight, Flights, ResultCache, cache_key, request_identity
+from gateway.callbacks import Callbacks, check_callback_url
+from gateway.config import Config, TeamConfig
+from gateway.errors import APIError
+from gateway.limits import Limits
+from gateway.metrics import Metrics
+from gateway.money import micros_to_usd
+from gateway.store import IDEMPOTENCY_TTL_MS, IdempotencyConflict, Outcome, Store, TaskRecord
+from gateway.tasks import new_task_id, now_ms
+from gateway.tracker import Tracker
+from gateway.upstream import Upstream
+from gateway.validation import Submission
+
+log = logging.getLogger("gateway.core")
+
+VIEW_CACHE_ENTRIES = 100_000
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    body_hash: str
+    idempotency_key: str | None = None
+    no_cache: bool = False
+    no_store: bool = False
+
+
+@dataclass(frozen=True)
+class Submitted:
+    task_id: str
+    cache: str  # hit | miss | joined | bypass
+    replayed: bool = False
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        upstream: Upstream,
+        metrics: Metrics,
+        callbacks: Callbacks,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self.callbacks = callbacks
+        self.budgets = Budgets(store)
+        self.limits = Limits(config.upstream.max_concurrent, config.upstream.first_poll_seconds)
+        self.cache = ResultCache(store, config.cache.memory_entries)
+        self.flights = Flights()
+        self.tracker = Tracker(upstream, config.upstream, self._on_outcome, self._on_processing)
+        self._views: LRUCache[str, TaskRecord] = LRUCache(maxsize=VIEW_CACHE_ENTRIES)
+        self._idempotency_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._keys: dict[bytes, str] = {}
+        self.apply_config(config)
+
+    # -- configuration ------------------------------------------------------
+
+    def apply_config(self, config: Config) -> None:
+        """Swap teams, keys, budgets and limits; in-flight work keeps its leases."""
+        self.config = config
+        self._keys = {digest: team.name for team in config.teams for digest in team.key_hashes}
+        self.limits.global_max = config.upstream.max_concurrent
+        self.metrics.upstream_max_concurrent.set(config.upstream.max_concurrent)
+        for team in config.teams:
+            if team.max_concurrent is not None:
+                self.metrics.team_max_concurrent.labels(team.name).set(team.max_concurrent)
+            self.metrics.tasks_in_flight.labels(team.name).set(self.limits.in_flight(team.name))
+
+    def authenticate(self, authorization: str | None) -> TeamConfig:
+        token = ""
+        if authorization and authorization[:7].lower() == "bearer ":
+            token = authorization[7:].strip()
+        if not token:
+            raise APIError(401, "Missing API key: send 'Authorization: Bearer <team key>'",
+                           reason="unauthorized")
+        import hashlib
+
+        digest = hashlib.sha256(token.encode()).digest()
+        # Compare against every key in constant time so timing reveals nothing.
+        found: str | None = None
+        for known, team in self._keys.items():
+            if hmac.compare_digest(known, digest):
+                found = team
+        team_cfg = self.config.team(found) if found else None
+        if team_cfg is None:
+            raise APIError(401, "Unknown API key", reason="unauthorized")
+        return team_cfg
+
+    # -- startup ------------------------------------------------------------
+
+    async def resume(self) -> None:
+        """Pick up tasks that were in flight when the previous process stopped."""
+        for kind_total in await self.store.ledger_totals():
+            team, model, kind, amount, images = kind_total
+            if not self._is_team(team):
+                continue
+            if kind == "charge":
+                self.metrics.spend.labels(team, model).inc(micros_to_usd(amount))
+                self.metrics.images.labels(team, model).inc(images)
+            elif kind == "saving":
+                self.metrics.saved.labels(team, model).inc(micros_to_usd(amount))
+        for task in await self.store.active_tasks():
+            if task.leader_id is not None:
+                continue
+            if task.upstream_id is None:
+                # It may or may not have reached upstream; we never resubmit,
+                # so the team gets its reservation back.
+                await self.finish(task.id, Outcome(
+                    "failed", now_ms(), fail_code="GatewayRestart",
+                    fail_msg="The gateway restarted before APIXO accepted the task",
+                ))
+                continue
+            self.limits.restore(task.team, 1)
+            if task.cache == "miss" and self.config.cache.enabled:
+                self.flights.adopt(self._cache_key(task.identity, task.team), task.id)
+            self._views[task.id] = task
+            self.tracker.track(task)
+        for team, n in (await self.store.in_flight_by_team()).items():
+            if self._is_team(team):
+                self.metrics.tasks_in_flight.labels(team).set(n)
+
+    def _is_team(self, name: str) -> bool:
+        return self.config.team(name) is not None
+
+    # -- submit ---------------------------------------------------------------
+
+    async def submit(self, team: TeamConfig, sub: Submission, opts: SubmitOptions) -> Submitted:
+        if sub.callback_url is not None:
+            await check_callback_url(sub.callback_url, self.config.callbacks)
+        if opts.idempotency_key is None:
+            return await self._submit(team, sub, opts)
+        async with self._idempotency(team.name, opts.idempotency_key):
+            previous = await self.store.idempotency_get(
+                team.name, opts.idempotency_key, now_ms() - IDEMPOTENCY_TTL_MS
+            )
+            if previous is None:
+                try:
+                    return await self._submit(team, sub, opts)
+                except IdempotencyConflict as exc:  # another gateway process won
+                    previous = (exc.body_hash, exc.task_id)
+            body_hash, task_id = previous
+            if body_hash != opts.body_hash:
+                raise APIError(
+                    409,
+                    f"Idempotency-Key {opts.idempotency_key!r} was already used by this team "
+                    f"with a different request body (task {task_id})",
+                )
+            task = await self.get_task(task_id)
+            return Submitted(task_id, task.cache if task else "miss", replayed=True)
+
+    @asynccontextmanager
+    async def _idempotency(self, team: str, key: str) -> AsyncIterator[None]:
+        # Same team and key: one at a time, so the second sees the first's row.
+        lock, users = self._idempotency_locks.get((team, key), (asyncio.Lock(), 0))
+        self._idempotency_locks[(team, key)] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._idempotency_locks[(team, key)]
+            if users <= 1:
+                del self._idempotency_locks[(team, key)]
+            else:
+                self._idempotency_locks[(team, key)] = (lock, users - 1)
+
+    async def _submit(self, team: TeamConfig, sub: Submission, opts: SubmitOptions) -> Submitted:
+        self.limits.check_rate(team)
+        identity = request_identity(sub.model, sub.input, sub.provider)
+        if not self.config.cache.enabled or opts.no_cache:
+            return await self._lead(team, sub, opts, identity, "bypass", None, None)
+        key = self._cache_key(identity, team.name)
+        while True:
+            entry = self.cache.get_hot(key, now_ms())
+            if entry is not None:
+                return await self._hit(team, sub, opts, identity, entry.result_json, entry.images)
+            flight = self.flights.get(key)
+            if flight is not None:
+                leader_id = await asyncio.shield(flight.ready)
+                if leader_id is not None:
+                    return await self._join(team, sub, opts, identity, leader_id)
+                continue  # the leader never reached upstream: decide again
+            flight = self.flights.start(key)
+            try:
+                entry = await self.cache.get(key, now_ms())
+                if entry is not None:
+                    self.flights.abort(key, flight)
+                    return await self._hit(
+                        team, sub, opts, identity, entry.result_json, entry.images
+                    )
+                return await self._lead(team, sub, opts, identity, "miss", key, flight)
+            except BaseException:
+                self.flights.abort(key, flight)
+                raise
+
+    def _cache_key(self, identity: str, team: str) -> str:
+        return cache_key(identity, self.config.cache.scope, team)
+
+    def _new_task(
+        self, team: TeamConfig, sub: Submission, opts: SubmitOptions, identity: str, cache: str,
+        created: int,
+    ) -> TaskRecord:
+        body = {"request_type": "async", "input": sub.input, "provider": sub.provider}
+        return TaskRecord(
+            id=new_task_id(), team=team.name, model=sub.model, identity=identity,
+            state="submitting", cache=cache, leader_id=None, upstream_id=None,
+            request_json=json.dumps(body, ensure_ascii=False), result_json=None,
+            fail_code=None, fail_msg=None, create_ms=created, complete_ms=None,
+            price_micros=self.config.pricing[sub.model], reserved_micros=0, charged_micros=0,
+            saved_micros=0, images=0,
+            budget_day=utc_today(datetime.fromtimestamp(created / 1000, UTC)).isoformat(),
+            no_store=int(opts.no_store), callback_url=sub.callback_url,
+        )
+
+    def _idem(self, opts: SubmitOptions) -> tuple[str, str] | None:
+        if opts.idempotency_key is None:
+            return None
+        return (opts.idempotency_key, opts.body_hash)
+
+    async def _hit(
+        self, team: TeamConfig, sub: Submission, opts: SubmitOptions, identity: str,
+        result_json: str, images: int,
+    ) -> Submitted:
+        created = now_ms()
+        task = replace(
+            self._new_task(team, sub, opts, identity, "hit", created),
+            state="success", result_json=result_json, images=images, complete_ms=created,
+        )
+        task = replace(task, saved_micros=task.price_micros * images)
+        task = await self.store.create_task(task, idempotency=self._idem(opts), now_ms=created)
+        self.metrics.cache_lookups.labels(sub.model, "hit").inc()
+        self._finished([task])
+        return Submitted(task.id, "hit")
+
+    async def _join(
+        self, team: TeamConfig, sub: Submission, opts: SubmitOptions, identity: str,
+        leader_id: str,
+    ) -> Submitted:
+        created = now_ms()
+        task = replace(
+            self._new_task(team, sub, opts, identity, "joined", created),
+            state="pending", leader_id=leader_id,
+        )
+        task = await self.store.create_task(task, idempotency=self._idem(opts), now_ms=created)
+        self.metrics.cache_lookups.labels(sub.model, "joined").inc()
+        if task.is_final:
+            self._finished([task])
+        else:
+            self._views[task.id] = task
+        return Submitted(task.id, "joined")
+
+    async def _lead(
+        self, team: TeamConfig, sub: Submission, opts: SubmitOptions, identity: str, cache: str,
+        key: str | None, flight: Flight | None,
+    ) -> Submitted:
+        self.limits.acquire(team)
+        try:
+            created = now_ms()
+            task = self._new_task(team, sub, opts, identity, cache, created)
+            task = replace(task, reserved_micros=task.price_micros)
+            await self.budgets.reserve(team, task, idempotency=self._idem(opts), now_ms=created)
+        except BaseException:
+            self.limits.release(team.name)
+            raise
+        self.metrics.tasks_in_flight.labels(team.name).set(self.limits.in_flight(team.name))
+        try:
+            upstream_id = await self.upstream.submit(sub.model, json.loads(task.request_json))
+            await self.store.mark_submitted(task.id, upstream_id)
+        except BaseException as exc:
+            # Upstream refused or never answered: nothing is owed. finish() does
+            # the release exactly once and frees the lease.
+            why = exc.error if isinstance(exc, APIError) else f"submit interrupted: {exc!r}"
+            await asyncio.shield(self.finish(task.id, Outcome(
+                "failed", now_ms(), fail_code="UpstreamRejected", fail_msg=why,
+            )))
+            raise
+        task = replace(task, state="pending", upstream_id=upstream_id)
+        self._views[task.id] = task
+        if flight is not None and key is not None:
+            self.flights.lift_off(key, flight, task.id)
+        self.metrics.cache_lookups.labels(sub.model, cache).inc()
+        self.tracker.track(task)
+        return Submitted(task.id, cache)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def _on_processing(self, task: TaskRecord) -> None:
+        await self.store.mark_processing(task.id)
+        view = self._views.get(task.id)
+        if view is not None and view.state == "pending":
+            self._views[task.id] = replace(view, state="processing")
+
+    async def _on_outcome(self, task: TaskRecord, outcome: Outcome) -> None:
+        await self.finish(task.id, outcome)
+
+    async def finish(self, task_id: str, outcome: Outcome) -> list[TaskRecord]:
+        task = self._views.get(task_id) or await self.store.get_task(task_id)
+        key = None
+        if task is not None and task.cache == "miss":
+            key = self._cache_key(task.identity, task.team)
+        finished = await self.budgets.settle(
+            task_id, outcome, cache_key=key, cache_ttl_ms=self.config.cache.ttl_seconds * 1000
+        )
+        self._finished(finished, cache_key=key)
+        return finished
+
+    def _finished(self, tasks: list[TaskRecord], cache_key: str | None = None) -> None:
+        """In-memory effects of tasks that just became final (the database already says so)."""
+        callbacks = False
+        for task in tasks:
+            self._views[task.id] = task
+            callbacks = callbacks or task.callback_url is not None
+            known = self._is_team(task.team)
+            seconds = (task.complete_ms or task.create_ms) / 1000 - task.create_ms / 1000
+            if task.leader_id is None and task.cache in ("miss", "bypass"):
+                self.limits.release(task.team, seconds if task.state == "success" else None)
+                self.flights.land(task.id)
+                if known:
+                    self.metrics.tasks_in_flight.labels(task.team).set(
+                        self.limits.in_flight(task.team)
+                    )
+                if known and task.charged_micros:
+                    self.metrics.spend.labels(task.team, task.model).inc(
+                        micros_to_usd(task.charged_micros)
+                    )
+                    self.metrics.images.labels(task.team, task.model).inc(task.images)
+                if (
+                    cache_key is not None and task.state == "success" and not task.no_store
+                    and task.result_json is not None
+                ):
+                    from gateway.store import CacheEntry
+
+                    self.cache.remember(CacheEntry(
+                        cache_key, task.result_json, task.images, task.id,
+                        (task.complete_ms or 0) + self.config.cache.ttl_seconds * 1000,
+                    ))
+            if known and task.saved_micros:
+                self.metrics.saved.labels(task.team, task.model).inc(
+                    micros_to_usd(task.saved_micros)
+                )
+            if task.state == "failed" and known and task.fail_code not in (
+                "UpstreamRejected",
+            ):
+                self.metrics.task_failures.labels(
+                    task.team, task.model, self.metrics.fail_code_label(task.fail_code)
+                ).inc()
+            if task.state in ("success", "failed") and task.fail_code != "UpstreamRejected":
+                self.metrics.task_duration.labels(task.model, task.state).observe(max(0, seconds))
+            log.info("task final", extra={
+                "event": "task_state", "task_id": task.id, "team": task.team,
+                "model": task.model, "state": task.state, "cache": task.cache,
+                "fail_code": task.fail_code, "images": task.images,
+                "charged_usd": micros_to_usd(task.charged_micros),
+            })
+        if callbacks:
+            self.callbacks.wake()
+
+    # -- reads ----------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        task = self._views.get(task_id)
+        if task is None:
+            task = await self.store.get_task(task_id)
+            if task is not None:
+                self._views[task_id] = task
+        return task
+
+    def shown_state(self, task: TaskRecord) -> str | None:
+        """A joined task shows its leader's progress until both are final."""
+        if task.leader_id is not None and not task.is_final:
+            leader = self._views.get(task.leader_id)
+            if leader is not None and leader.state == "processing":
+                return "processing"
+        return None
+
+    async def stop(self) -> None:
+        await self.tracker.stop()
+
+
+def monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)

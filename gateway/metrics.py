@@ -1,0 +1,92 @@
+"""The app's own Prometheus registry and every metric the SPEC promises."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# fail_code is an open set upstream; past this many distinct values a label
+# series explosion would hurt Prometheus, so the rest become "other".
+MAX_FAIL_CODES = 50
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_TASK_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 15, 20, 25, 30, 45, 60, 90, 120, 300, 600, 900)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "apixo_gateway_requests_total", "HTTP requests answered by the gateway",
+            ["endpoint", "model", "team", "code"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "apixo_gateway_request_duration_seconds", "Time to answer an HTTP request",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.spend = Counter(
+            "apixo_gateway_spend_usd", "USD charged to teams for upstream images",
+            ["team", "model"], registry=r,
+        )
+        self.saved = Counter(
+            "apixo_gateway_saved_usd", "USD not spent thanks to cache hits and joins",
+            ["team", "model"], registry=r,
+        )
+        self.images = Counter(
+            "apixo_gateway_images", "Images generated upstream and charged",
+            ["team", "model"], registry=r,
+        )
+        self.budget = Gauge(
+            "apixo_gateway_budget_usd", "Team budget for the current period", ["team"], registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "apixo_gateway_budget_remaining_usd", "Team budget left in the current period",
+            ["team"], registry=r,
+        )
+        self.cache_lookups = Counter(
+            "apixo_gateway_cache_lookups", "Submit cache decisions", ["model", "result"],
+            registry=r,
+        )
+        self.tasks_in_flight = Gauge(
+            "apixo_gateway_tasks_in_flight", "Upstream tasks in flight", ["team"], registry=r,
+        )
+        self.team_max_concurrent = Gauge(
+            "apixo_gateway_team_max_concurrent", "Team max_concurrent limit", ["team"], registry=r,
+        )
+        self.upstream_max_concurrent = Gauge(
+            "apixo_gateway_upstream_max_concurrent", "upstream.max_concurrent", registry=r,
+        )
+        self.task_duration = Histogram(
+            "apixo_gateway_task_duration_seconds", "Submit to final state",
+            ["model", "state"], buckets=_TASK_BUCKETS, registry=r,
+        )
+        self.task_failures = Counter(
+            "apixo_gateway_task_failures", "Failed tasks by failCode",
+            ["team", "model", "fail_code"], registry=r,
+        )
+        self.rejections = Counter(
+            "apixo_gateway_rejections", "Submits refused by the gateway",
+            ["team", "reason"], registry=r,
+        )
+        self.upstream_requests = Counter(
+            "apixo_gateway_upstream_requests", "HTTP calls to APIXO",
+            ["operation", "code"], registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "apixo_gateway_upstream_duration_seconds", "Duration of one HTTP call to APIXO",
+            ["operation"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.callback_deliveries = Counter(
+            "apixo_gateway_callback_deliveries", "Webhook delivery attempts by outcome",
+            ["outcome"], registry=r,
+        )
+        self._fail_codes: set[str] = set()
+
+    def fail_code_label(self, code: str | None) -> str:
+        code = code or "unknown"
+        if code in self._fail_codes:
+            return code
+        if len(self._fail_codes) >= MAX_FAIL_CODES:
+            return "other"
+        self._fail_codes.add(code)
+        return code

@@ -1,0 +1,47 @@
+"""Operations endpoints: /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.appkeys import GATEWAY, METRICS
+from gateway.money import micros_to_usd
+
+log = logging.getLogger("gateway.ops")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    registry = request.app[METRICS]
+    # Budget gauges are read from the ledger at scrape time, so they are exact
+    # at every scrape without a database read on the submit path.
+    for team in gateway.config.teams:
+        if team.budget is None:
+            continue
+        view = await gateway.budgets.view(team)
+        registry.budget.labels(team.name).set(micros_to_usd(team.budget))
+        registry.budget_remaining.labels(team.name).set(micros_to_usd(view.remaining or 0))
+    body = generate_latest(registry.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await request.app[GATEWAY].store.ping()
+    except Exception as exc:
+        log.warning("not ready: database unusable", extra={"error": str(exc)})
+        return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)

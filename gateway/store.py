@@ -1,0 +1,767 @@
+"""Every SQL statement of the gateway, behind a narrow async interface.
+
+One aiosqlite connection writes, under one asyncio lock, each change in one
+`BEGIN IMMEDIATE` transaction; a second connection reads committed state so
+status and admin reads never queue behind a write. Money rows go to an
+append-only ledger whose UNIQUE(task_id, kind) makes every charge and release
+happen at most once even if two code paths race to settle a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import aiosqlite
+
+from gateway.money import Micros
+
+SCHEMA_VERSION = 1
+IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
+
+ACTIVE_STATES = ("submitting", "pending", "processing")
+FINAL_STATES = ("success", "failed")
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        team TEXT NOT NULL,
+        model TEXT NOT NULL,
+        identity TEXT NOT NULL,
+        state TEXT NOT NULL,
+        cache TEXT NOT NULL,
+        leader_id TEXT,
+        upstream_id TEXT,
+        request_json TEXT NOT NULL,
+        result_json TEXT,
+        fail_code TEXT,
+        fail_msg TEXT,
+        create_ms INTEGER NOT NULL,
+        complete_ms INTEGER,
+        price_micros INTEGER NOT NULL,
+        reserved_micros INTEGER NOT NULL DEFAULT 0,
+        charged_micros INTEGER NOT NULL DEFAULT 0,
+        saved_micros INTEGER NOT NULL DEFAULT 0,
+        images INTEGER NOT NULL DEFAULT 0,
+        budget_day TEXT NOT NULL,
+        no_store INTEGER NOT NULL DEFAULT 0,
+        callback_url TEXT
+    );
+    CREATE INDEX tasks_active ON tasks(state) WHERE state IN ('submitting','pending','processing');
+    CREATE INDEX tasks_leader ON tasks(leader_id) WHERE leader_id IS NOT NULL;
+    CREATE INDEX tasks_team_created ON tasks(team, create_ms);
+    CREATE INDEX tasks_created ON tasks(create_ms);
+
+    -- Append-only: rows are never updated or deleted.
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        team TEXT NOT NULL,
+        model TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('reserve', 'release', 'charge', 'saving')),
+        amount_micros INTEGER NOT NULL CHECK (amount_micros >= 0),
+        images INTEGER NOT NULL DEFAULT 0,
+        day TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX ledger_once ON ledger(task_id, kind);
+    CREATE INDEX ledger_team_day ON ledger(team, day);
+
+    -- A per-team, per-UTC-day projection of the ledger, kept by trigger so the
+    -- budget check sums at most a period's worth of rows, never the whole ledger.
+    CREATE TABLE usage_daily (
+        team TEXT NOT NULL,
+        day TEXT NOT NULL,
+        reserved_micros INTEGER NOT NULL DEFAULT 0,
+        spent_micros INTEGER NOT NULL DEFAULT 0,
+        saved_micros INTEGER NOT NULL DEFAULT 0,
+        images INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (team, day)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER ledger_to_usage AFTER INSERT ON ledger BEGIN
+        INSERT INTO usage_daily (team, day, reserved_micros, spent_micros, saved_micros, images)
+        VALUES (
+            NEW.team, NEW.day,
+            CASE NEW.kind WHEN 'reserve' THEN NEW.amount_micros
+                          WHEN 'release' THEN -NEW.amount_micros ELSE 0 END,
+            CASE NEW.kind WHEN 'charge' THEN NEW.amount_micros ELSE 0 END,
+            CASE NEW.kind WHEN 'saving' THEN NEW.amount_micros ELSE 0 END,
+            CASE NEW.kind WHEN 'charge' THEN NEW.images ELSE 0 END)
+        ON CONFLICT (team, day) DO UPDATE SET
+            reserved_micros = reserved_micros + excluded.reserved_micros,
+            spent_micros = spent_micros + excluded.spent_micros,
+            saved_micros = saved_micros + excluded.saved_micros,
+            images = images + excluded.images;
+    END;
+
+    CREATE TABLE cache (
+        key TEXT PRIMARY KEY,
+        result_json TEXT NOT NULL,
+        images INTEGER NOT NULL,
+        task_id TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL
+    );
+    CREATE INDEX cache_expires ON cache(expires_ms);
+
+    CREATE TABLE idempotency (
+        team TEXT NOT NULL,
+        key TEXT NOT NULL,
+        body_hash TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (team, key)
+    );
+    CREATE INDEX idempotency_created ON idempotency(created_ms);
+
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL UNIQUE,
+        url TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER NOT NULL,
+        last_error TEXT,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX outbox_due ON outbox(next_attempt_ms) WHERE state = 'pending';
+    """,
+}
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    id: str
+    team: str
+    model: str
+    identity: str
+    state: str
+    cache: str
+    leader_id: str | None
+    upstream_id: str | None
+    request_json: str
+    result_json: str | None
+    fail_code: str | None
+    fail_msg: str | None
+    create_ms: int
+    complete_ms: int | None
+    price_micros: Micros
+    reserved_micros: Micros
+    charged_micros: Micros
+    saved_micros: Micros
+    images: int
+    budget_day: str
+    no_store: int
+    callback_url: str | None
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+_TASK_COLUMNS = [f.name for f in fields(TaskRecord)]
+_TASK_SELECT = "SELECT " + ", ".join(_TASK_COLUMNS) + " FROM tasks"
+_TASK_INSERT = (
+    f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _TASK_COLUMNS)})"
+)
+
+
+def _task(row: Sequence[Any]) -> TaskRecord:
+    return TaskRecord(*row)
+
+
+def _task_values(task: TaskRecord) -> tuple[Any, ...]:
+    return tuple(getattr(task, name) for name in _TASK_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an upstream task ended."""
+
+    state: str
+    complete_ms: int
+    result_json: str | None = None
+    images: int = 0
+    fail_code: str | None = None
+    fail_msg: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    key: str
+    result_json: str
+    images: int
+    task_id: str
+    expires_ms: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    spent: Micros
+    reserved: Micros
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    task_id: str
+    url: str
+    attempts: int
+    next_attempt_ms: int
+
+
+class BudgetExceeded(Exception):
+    def __init__(self, usage: Usage) -> None:
+        super().__init__("budget exceeded")
+        self.usage = usage
+
+
+class IdempotencyConflict(Exception):
+    def __init__(self, task_id: str, body_hash: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+        self.body_hash = body_hash
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def open(self) -> None:
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._writer.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives process crashes (kill -9); only an OS
+        # crash may lose the last commits, a trade the 1 ms submit path needs.
+        await self._writer.execute("PRAGMA synchronous=NORMAL")
+        await self._writer.execute("PRAGMA busy_timeout=5000")
+        await self._writer.execute("PRAGMA foreign_keys=ON")
+        await self._migrate()
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._reader.execute("PRAGMA busy_timeout=5000")
+        await self._reader.execute("PRAGMA query_only=ON")
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def _migrate(self) -> None:
+        db = self._w
+        await db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        async with db.execute("SELECT value FROM meta WHERE key = 'schema_version'") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path}: schema version {version} is newer than this gateway "
+                f"({SCHEMA_VERSION}); upgrade apixo-gateway"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_sql(_MIGRATIONS[target]):
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(target),),
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+
+    @property
+    def _w(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        return self._writer
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise RuntimeError("store is not open")
+        return self._reader
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        # The lock keeps other coroutines' statements out of this transaction:
+        # they share the single writer connection.
+        async with self._lock:
+            db = self._w
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def ping(self) -> None:
+        async with self._r.execute("SELECT 1") as cur:
+            await cur.fetchone()
+
+    # -- money ----------------------------------------------------------
+
+    async def usage(self, team: str, since_day: str) -> Usage:
+        return await _usage(self._r, team, since_day)
+
+    async def create_reserved_task(
+        self,
+        task: TaskRecord,
+        *,
+        budget: Micros | None,
+        period_start_day: str,
+        idempotency: tuple[str, str] | None,
+        now_ms: int,
+    ) -> None:
+        """Check the budget and reserve the task's price in one write transaction."""
+        async with self._transaction() as db:
+            if budget is not None:
+                usage = await _usage(db, task.team, period_start_day)
+                if usage.spent + usage.reserved + task.reserved_micros > budget:
+                    raise BudgetExceeded(usage)
+            await db.execute(_TASK_INSERT, _task_values(task))
+            await _ledger(db, task, "reserve", task.reserved_micros, 0, now_ms)
+            if idempotency is not None:
+                await _remember_idempotency(db, task, idempotency, now_ms)
+
+    async def create_task(
+        self, task: TaskRecord, *, idempotency: tuple[str, str] | None, now_ms: int
+    ) -> TaskRecord:
+        """Insert a task that costs nothing: a cache hit (final at once) or a joined follower.
+
+        A follower whose leader finished before this transaction took the lock
+        is created final with the leader's outcome, so it can never be orphaned.
+        """
+        async with self._transaction() as db:
+            if task.leader_id is not None:
+                async with db.execute(
+                    _TASK_SELECT + " WHERE id = ?", (task.leader_id,)
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    leader = _task(row)
+                    if leader.is_final:
+                        task = _follow(task, leader)
+                    elif leader.state != task.state:
+                        task = replace(task, state=leader.state)
+            await db.execute(_TASK_INSERT, _task_values(task))
+            if task.saved_micros:
+                await _ledger(db, task, "saving", task.saved_micros, task.images, now_ms)
+            if idempotency is not None:
+                await _remember_idempotency(db, task, idempotency, now_ms)
+            if task.is_final and task.callback_url:
+                await _enqueue_callback(db, task, now_ms)
+        return task
+
+    async def abandon(self, task_id: str, fail_code: str, fail_msg: str, now_ms: int) -> bool:
+        """Drop a task that never reached upstream: release its reservation once."""
+        outcome = Outcome("failed", now_ms, fail_code=fail_code, fail_msg=fail_msg)
+        finished = await self.finish(task_id, outcome, cache_key=None, cache_ttl_ms=0)
+        return bool(finished)
+
+    async def finish(
+        self,
+        task_id: str,
+        outcome: Outcome,
+        *,
+        cache_key: str | None,
+        cache_ttl_ms: int,
+    ) -> list[TaskRecord]:
+        """Settle a task and its joined followers, exactly once.
+
+        The UPDATE ... WHERE state IN (active) is a compare-and-set: of the
+        tracker, the timeout and a restart, only the first to arrive settles.
+        Returns the tasks this call finished (empty if it lost the race).
+        """
+        now_ms = outcome.complete_ms
+        async with self._transaction() as db:
+            async with db.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None or _task(row).is_final:
+                return []
+            leader = _settle(_task(row), outcome)
+            cursor = await db.execute(
+                "UPDATE tasks SET state = ?, result_json = ?, fail_code = ?, fail_msg = ?, "
+                "complete_ms = ?, charged_micros = ?, images = ? "
+                "WHERE id = ? AND state IN ('submitting', 'pending', 'processing')",
+                (
+                    leader.state, leader.result_json, leader.fail_code, leader.fail_msg,
+                    leader.complete_ms, leader.charged_micros, leader.images, task_id,
+                ),
+            )
+            if cursor.rowcount != 1:
+                return []
+            if leader.reserved_micros:
+                await _ledger(db, leader, "release", leader.reserved_micros, 0, now_ms)
+            if leader.charged_micros:
+                await _ledger(db, leader, "charge", leader.charged_micros, leader.images, now_ms)
+            finished = [leader]
+            async with db.execute(
+                _TASK_SELECT + " WHERE leader_id = ? AND state IN ('pending', 'processing')",
+                (task_id,),
+            ) as cur:
+                followers = [_follow(_task(r), leader) for r in await cur.fetchall()]
+            for follower in followers:
+                await db.execute(
+                    "UPDATE tasks SET state = ?, result_json = ?, fail_code = ?, fail_msg = ?, "
+                    "complete_ms = ?, images = ?, saved_micros = ? WHERE id = ?",
+                    (
+                        follower.state, follower.result_json, follower.fail_code,
+                        follower.fail_msg, follower.complete_ms, follower.images,
+                        follower.saved_micros, follower.id,
+                    ),
+                )
+                if follower.saved_micros:
+                    await _ledger(
+                        db, follower, "saving", follower.saved_micros, follower.images, now_ms
+                    )
+            finished.extend(followers)
+            if (
+                cache_key is not None
+                and leader.state == "success"
+                and leader.result_json is not None
+                and not leader.no_store
+            ):
+                await db.execute(
+                    "INSERT INTO cache (key, result_json, images, task_id, created_ms, expires_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                    "result_json = excluded.result_json, images = excluded.images, "
+                    "task_id = excluded.task_id, created_ms = excluded.created_ms, "
+                    "expires_ms = excluded.expires_ms",
+                    (
+                        cache_key, leader.result_json, leader.images, leader.id, now_ms,
+                        now_ms + cache_ttl_ms,
+                    ),
+                )
+            for task in finished:
+                if task.callback_url:
+                    await _enqueue_callback(db, task, now_ms)
+        return finished
+
+    async def mark_submitted(self, task_id: str, upstream_id: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE tasks SET upstream_id = ?, state = 'pending' "
+                "WHERE id = ? AND state = 'submitting'",
+                (upstream_id, task_id),
+            )
+
+    async def mark_processing(self, task_id: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE tasks SET state = 'processing' "
+                "WHERE (id = ? OR leader_id = ?) AND state = 'pending'",
+                (task_id, task_id),
+            )
+
+    # -- reads ------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        async with self._r.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)) as cur:
+            row = await cur.fetchone()
+        return _task(row) if row else None
+
+    async def active_tasks(self) -> list[TaskRecord]:
+        """Non-final tasks, leaders first, read through the writer so nothing is missed."""
+        async with self._lock:
+            async with self._w.execute(
+                _TASK_SELECT + " WHERE state IN ('submitting', 'pending', 'processing') "
+                "ORDER BY leader_id IS NOT NULL, create_ms"
+            ) as cur:
+                return [_task(r) for r in await cur.fetchall()]
+
+    async def recent_tasks(
+        self, *, team: str | None, state: str | None, limit: int
+    ) -> list[tuple[TaskRecord, str | None, int]]:
+        """Newest first, with callback delivery state and attempts."""
+        where: list[str] = []
+        args: list[Any] = []
+        if team is not None:
+            where.append("t.team = ?")
+            args.append(team)
+        if state is not None:
+            if state == "pending":
+                where.append("t.state IN ('submitting', 'pending')")
+            else:
+                where.append("t.state = ?")
+                args.append(state)
+        sql = (
+            "SELECT " + ", ".join(f"t.{c}" for c in _TASK_COLUMNS)
+            + ", o.state, COALESCE(o.attempts, 0) FROM tasks t "
+            "LEFT JOIN outbox o ON o.task_id = t.id"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY t.create_ms DESC, t.rowid DESC LIMIT ?"
+        )
+        args.append(limit)
+        async with self._r.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        n = len(_TASK_COLUMNS)
+        return [(_task(r[:n]), r[n], int(r[n + 1])) for r in rows]
+
+    async def in_flight_by_team(self) -> dict[str, int]:
+        """Upstream tasks not yet final, per team (leases to restore after a restart)."""
+        async with self._r.execute(
+            "SELECT team, COUNT(*) FROM tasks WHERE state IN ('submitting', 'pending', "
+            "'processing') AND leader_id IS NULL AND cache IN ('miss', 'bypass') GROUP BY team"
+        ) as cur:
+            return {str(team): int(n) for team, n in await cur.fetchall()}
+
+    async def ledger_totals(self) -> list[tuple[str, str, str, int, int]]:
+        """(team, model, kind, amount, images) summed over the whole ledger."""
+        async with self._r.execute(
+            "SELECT team, model, kind, SUM(amount_micros), SUM(images) FROM ledger "
+            "GROUP BY team, model, kind"
+        ) as cur:
+            return [(str(t), str(m), str(k), int(a), int(i)) for t, m, k, a, i in await cur.fetchall()]
+
+    async def usage_report(
+        self, *, team: str | None, since_day: str | None, until_day: str | None, by_day: bool
+    ) -> list[dict[str, Any]]:
+        """Spend, images, savings, hits and failures per team (and day), from the ledger."""
+        where: list[str] = []
+        args: list[Any] = []
+        if team is not None:
+            where.append("team = ?")
+            args.append(team)
+        if since_day is not None:
+            where.append("day >= ?")
+            args.append(since_day)
+        if until_day is not None:
+            where.append("day <= ?")
+            args.append(until_day)
+        cond = (" WHERE " + " AND ".join(where)) if where else ""
+        group = "team, day" if by_day else "team"
+        day_col = "day" if by_day else "NULL"
+        sql = (
+            f"SELECT team, {day_col}, "
+            "SUM(CASE kind WHEN 'charge' THEN amount_micros ELSE 0 END), "
+            "SUM(CASE kind WHEN 'charge' THEN images ELSE 0 END), "
+            "SUM(CASE kind WHEN 'saving' THEN amount_micros ELSE 0 END), "
+            "SUM(kind = 'saving'), "
+            "SUM(CASE kind WHEN 'reserve' THEN amount_micros "
+            "WHEN 'release' THEN -amount_micros ELSE 0 END), "
+            "SUM(kind = 'reserve') "
+            f"FROM ledger{cond} GROUP BY {group} ORDER BY {group}"
+        )
+        async with self._r.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        fail_sql = (
+            f"SELECT team, {'budget_day' if by_day else 'NULL'}, COUNT(*) FROM tasks "
+            "WHERE state = 'failed' AND leader_id IS NULL AND cache IN ('miss', 'bypass')"
+            + "".join(
+                f" AND {c.replace('day', 'budget_day')}" for c in where
+            )
+            + f" GROUP BY team{', budget_day' if by_day else ''}"
+        )
+        async with self._r.execute(fail_sql, args) as cur:
+            failures = {(t, d): int(n) for t, d, n in await cur.fetchall()}
+        return [
+            {
+                "team": t,
+                "day": d,
+                "spent_micros": int(spent or 0),
+                "images": int(images or 0),
+                "saved_micros": int(saved or 0),
+                "cache_hits": int(hits or 0),
+                "reserved_micros": int(reserved or 0),
+                "upstream_tasks": int(upstream or 0),
+                "failures": failures.get((t, d), 0),
+            }
+            for t, d, spent, images, saved, hits, reserved, upstream in rows
+        ]
+
+    async def team_counts(self) -> dict[str, tuple[int, int]]:
+        """(images, cache_hits) per team over all time."""
+        async with self._r.execute(
+            "SELECT team, SUM(CASE kind WHEN 'charge' THEN images ELSE 0 END), "
+            "SUM(kind = 'saving') FROM ledger GROUP BY team"
+        ) as cur:
+            return {str(t): (int(i or 0), int(h or 0)) for t, i, h in await cur.fetchall()}
+
+    async def saved_since(self, team: str, since_day: str) -> Micros:
+        async with self._r.execute(
+            "SELECT COALESCE(SUM(saved_micros), 0) FROM usage_daily WHERE team = ? AND day >= ?",
+            (team, since_day),
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- cache ------------------------------------------------------------
+
+    async def cache_get(self, key: str, now_ms: int) -> CacheEntry | None:
+        async with self._r.execute(
+            "SELECT key, result_json, images, task_id, expires_ms FROM cache "
+            "WHERE key = ? AND expires_ms > ?",
+            (key, now_ms),
+        ) as cur:
+            row = await cur.fetchone()
+        return CacheEntry(*row) if row else None
+
+    async def cache_sweep(self, now_ms: int, max_entries: int) -> int:
+        """Delete expired entries, then the oldest beyond max_entries."""
+        async with self._transaction() as db:
+            cur = await db.execute("DELETE FROM cache WHERE expires_ms <= ?", (now_ms,))
+            removed = cur.rowcount
+            cur = await db.execute(
+                "DELETE FROM cache WHERE key IN (SELECT key FROM cache "
+                "ORDER BY expires_ms DESC LIMIT -1 OFFSET ?)",
+                (max_entries,),
+            )
+            return removed + cur.rowcount
+
+    # -- idempotency ------------------------------------------------------
+
+    async def idempotency_get(self, team: str, key: str, since_ms: int) -> tuple[str, str] | None:
+        """(body_hash, task_id) of a key used by the team since since_ms."""
+        async with self._r.execute(
+            "SELECT body_hash, task_id FROM idempotency "
+            "WHERE team = ? AND key = ? AND created_ms >= ?",
+            (team, key, since_ms),
+        ) as cur:
+            row = await cur.fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    async def idempotency_sweep(self, before_ms: int) -> int:
+        async with self._transaction() as db:
+            cur = await db.execute("DELETE FROM idempotency WHERE created_ms < ?", (before_ms,))
+            return cur.rowcount
+
+    # -- callbacks outbox -------------------------------------------------
+
+    async def outbox_due(self, now_ms: int, limit: int) -> list[OutboxItem]:
+        async with self._r.execute(
+            "SELECT id, task_id, url, attempts, next_attempt_ms FROM outbox "
+            "WHERE state = 'pending' AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?",
+            (now_ms, limit),
+        ) as cur:
+            return [OutboxItem(*r) for r in await cur.fetchall()]
+
+    async def outbox_next_due_ms(self) -> int | None:
+        async with self._r.execute(
+            "SELECT MIN(next_attempt_ms) FROM outbox WHERE state = 'pending'"
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    async def outbox_record(
+        self, item_id: int, *, state: str, attempts: int, next_attempt_ms: int,
+        error: str | None, now_ms: int,
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE outbox SET state = ?, attempts = ?, next_attempt_ms = ?, last_error = ?, "
+                "updated_ms = ? WHERE id = ? AND state = 'pending'",
+                (state, attempts, next_attempt_ms, error, now_ms, item_id),
+            )
+
+    async def outbox_counts(self) -> dict[str, int]:
+        async with self._r.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state") as cur:
+            return {str(s): int(n) for s, n in await cur.fetchall()}
+
+
+def _settle(task: TaskRecord, outcome: Outcome) -> TaskRecord:
+    charged = task.price_micros * outcome.images if outcome.state == "success" else 0
+    return replace(
+        task,
+        state=outcome.state,
+        result_json=outcome.result_json,
+        fail_code=outcome.fail_code,
+        fail_msg=outcome.fail_msg,
+        complete_ms=outcome.complete_ms,
+        charged_micros=charged if task.reserved_micros else 0,
+        images=outcome.images if outcome.state == "success" else 0,
+    )
+
+
+def _follow(follower: TaskRecord, leader: TaskRecord) -> TaskRecord:
+    """A joined task ends exactly as its leader did, charged nothing."""
+    success = leader.state == "success"
+    return replace(
+        follower,
+        state=leader.state,
+        result_json=leader.result_json,
+        fail_code=leader.fail_code,
+        fail_msg=leader.fail_msg,
+        complete_ms=leader.complete_ms,
+        images=leader.images if success else 0,
+        saved_micros=follower.price_micros * leader.images if success else 0,
+    )
+
+
+async def _usage(db: aiosqlite.Connection, team: str, since_day: str) -> Usage:
+    async with db.execute(
+        "SELECT COALESCE(SUM(spent_micros), 0), COALESCE(SUM(reserved_micros), 0) "
+        "FROM usage_daily WHERE team = ? AND day >= ?",
+        (team, since_day),
+    ) as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    return Usage(spent=int(row[0]), reserved=int(row[1]))
+
+
+async def _ledger(
+    db: aiosqlite.Connection, task: TaskRecord, kind: str, amount: Micros, images: int, now_ms: int
+) -> None:
+    await db.execute(
+        "INSERT INTO ledger (ts_ms, team, model, task_id, kind, amount_micros, images, day) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (now_ms, task.team, task.model, task.id, kind, amount, images, task.budget_day),
+    )
+
+
+async def _remember_idempotency(
+    db: aiosqlite.Connection, task: TaskRecord, idempotency: tuple[str, str], now_ms: int
+) -> None:
+    key, body_hash = idempotency
+    # An expired key (older than 24 h) is taken over; a live one is a conflict.
+    await db.execute(
+        "INSERT INTO idempotency (team, key, body_hash, task_id, created_ms) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (team, key) DO UPDATE SET "
+        "body_hash = excluded.body_hash, task_id = excluded.task_id, "
+        "created_ms = excluded.created_ms WHERE idempotency.created_ms < ?",
+        (task.team, key, body_hash, task.id, now_ms, now_ms - IDEMPOTENCY_TTL_MS),
+    )
+    async with db.execute(
+        "SELECT task_id, body_hash FROM idempotency WHERE team = ? AND key = ?", (task.team, key)
+    ) as cur:
+        row = await cur.fetchone()
+    if row is not None and row[0] != task.id:
+        raise IdempotencyConflict(str(row[0]), str(row[1]))
+
+
+async def _enqueue_callback(db: aiosqlite.Connection, task: TaskRecord, now_ms: int) -> None:
+    await db.execute(
+        "INSERT INTO outbox (task_id, url, next_attempt_ms, updated_ms) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (task_id) DO NOTHING",
+        (task.id, task.callback_url, now_ms, now_ms),
+    )
+
+
+def _split_sql(script: str) -> Iterable[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    statement: list[str] = []
+    for line in script.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("--"):
+            continue
+        statement.append(line)
+        joined = "\n".join(statement)
+        if stripped.endswith(";") and sqlite3.complete_statement(joined):
+            yield joined
+            statement = []
+    if statement:
+        yield "\n".join(statement)

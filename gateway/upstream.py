@@ -1,0 +1,180 @@
+"""The APIXO client: one HTTP call at a time, retries with backoff and jitter, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import aiohttp
+
+from gateway.errors import APIError
+from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.upstream")
+
+BACKOFF_BASE_SECONDS = 0.25
+BACKOFF_CAP_SECONDS = 8.0
+RETRY_AFTER_CAP_SECONDS = 30.0
+
+
+class TransientUpstreamError(Exception):
+    """429, 5xx, timeout or connection error: worth trying again later."""
+
+    def __init__(self, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), RETRY_AFTER_CAP_SECONDS)
+    except ValueError:
+        return None
+
+
+def backoff_delay(attempt: int, rng: random.Random) -> float:
+    """Full jitter: spread retries so a recovering upstream is not hit in lockstep."""
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt)
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+class Upstream:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: str,
+        timeout_seconds: float,
+        max_retries: int,
+        metrics: Metrics,
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._max_retries = max_retries
+        self._metrics = metrics
+        self._rng = random.Random()
+
+    async def _call(
+        self, operation: str, method: str, path: str, body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """One HTTP call; transient failures raise TransientUpstreamError."""
+        started = time.perf_counter()
+        code = "error"
+        try:
+            async with self._session.request(
+                method, self._base + path, json=body, params=params,
+                headers=self._headers, timeout=self._timeout,
+            ) as resp:
+                code = str(resp.status)
+                text = await resp.text()
+                if resp.status == 429 or resp.status >= 500:
+                    raise TransientUpstreamError(
+                        f"APIXO answered HTTP {resp.status}: {text[:200]}",
+                        _retry_after(resp.headers),
+                    )
+                try:
+                    payload = json.loads(text)
+                except ValueError:
+                    payload = None
+                if not isinstance(payload, dict):
+                    raise TransientUpstreamError(
+                        f"APIXO answered HTTP {resp.status} with a body that is not a JSON object"
+                    )
+                return resp.status, payload
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise TransientUpstreamError(
+                f"cannot reach APIXO: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self._metrics.upstream_requests.labels(operation, code).inc()
+            self._metrics.upstream_duration.labels(operation).observe(
+                time.perf_counter() - started
+            )
+
+    async def submit(self, model: str, body: dict[str, Any]) -> str:
+        """Create an upstream task and return its id, or raise an APIError for the client."""
+        last = "no attempt made"
+        for attempt in range(self._max_retries + 1):
+            try:
+                status, payload = await self._call(
+                    "submit", "POST", f"/generateTask/{model}", body
+                )
+            except TransientUpstreamError as exc:
+                last = str(exc)
+                if attempt == self._max_retries:
+                    break
+                delay = exc.retry_after
+                if delay is None:
+                    delay = backoff_delay(attempt, self._rng)
+                log.warning(
+                    "upstream submit failed, retrying",
+                    extra={"attempt": attempt + 1, "delay_s": round(delay, 3), "error": last},
+                )
+                await asyncio.sleep(delay)
+                continue
+            return _submitted_id(status, payload)
+        raise APIError(
+            502,
+            f"APIXO is unavailable after {self._max_retries + 1} attempts: {last}",
+            message="Upstream provider or network error",
+        )
+
+    async def status(self, model: str, upstream_id: str) -> dict[str, Any]:
+        """The upstream task's data; TransientUpstreamError means "ask again later"."""
+        status, payload = await self._call(
+            "status", "GET", f"/statusTask/{model}", params={"taskId": upstream_id}
+        )
+        data = payload.get("data")
+        if status != 200 or not isinstance(data, dict):
+            raise TransientUpstreamError(
+                f"APIXO statusTask answered HTTP {status}: {payload.get('message')!r}"
+            )
+        return data
+
+
+def _upstream_detail(payload: dict[str, Any]) -> str:
+    message = str(payload.get("message") or "")
+    data = payload.get("data")
+    if isinstance(data, dict) and data.get("error"):
+        return f"{message}: {data['error']}" if message else str(data["error"])
+    return message or "no message"
+
+
+def _submitted_id(status: int, payload: dict[str, Any]) -> str:
+    data = payload.get("data")
+    if status == 200 and isinstance(data, dict) and isinstance(data.get("taskId"), str):
+        return str(data["taskId"])
+    detail = _upstream_detail(payload)
+    if status == 400:
+        # The client's own request was refused: pass APIXO's words through.
+        data = payload.get("data")
+        error = data.get("error") if isinstance(data, dict) else None
+        raise APIError(
+            400, str(error or detail), message=str(payload.get("message") or "Invalid request"),
+            reason="invalid",
+        )
+    if status in (401, 403):
+        raise APIError(
+            502, f"The gateway's own APIXO key was refused (HTTP {status}: {detail}); "
+            "the operator must fix upstream.api_key_env", message="Upstream authentication error",
+        )
+    if status == 402:
+        raise APIError(
+            502, f"The gateway's APIXO account has insufficient balance ({detail}); "
+            "the operator must top it up", message="Upstream balance exhausted",
+        )
+    if status == 404:
+        raise APIError(502, f"APIXO does not serve this model ({detail})",
+                       message="Upstream model not found")
+    raise APIError(502, f"APIXO answered HTTP {status}: {detail}", message="Upstream error")

@@ -1,0 +1,108 @@
+"""Per-model input rules, shared by the gateway and the simulator.
+
+grok-image follows the reference page's validation notes exactly; other priced
+models get the generic checks only (the gateway does not know their inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import APIError
+
+REQUEST_TYPES = ("async", "callback")
+GROK_MODES = ("text-to-image", "image-to-image")
+GROK_ASPECT_RATIOS = ("1:1", "3:2", "2:3")
+MAX_PROMPT_CHARS = 5000
+MAX_REFERENCE_IMAGES = 1
+
+
+@dataclass(frozen=True)
+class Submission:
+    model: str
+    input: dict[str, Any]  # with defaults filled in
+    provider: str
+    request_type: str
+    callback_url: str | None
+
+
+def invalid(error: str) -> APIError:
+    return APIError(400, error, reason="invalid")
+
+
+def _validate_grok_image(raw: dict[str, Any]) -> dict[str, Any]:
+    data = dict(raw)
+    mode = data.get("mode")
+    if mode is None:
+        raise invalid("Missing required field: input.mode")
+    if mode not in GROK_MODES:
+        raise invalid(f"input.mode must be one of {', '.join(GROK_MODES)}, got {mode!r}")
+    prompt = data.get("prompt")
+    if prompt is None:
+        raise invalid("Missing required field: input.prompt")
+    if not isinstance(prompt, str):
+        raise invalid("input.prompt must be a string")
+    if not prompt.strip():
+        raise invalid("input.prompt must not be empty or blank")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise invalid(
+            f"input.prompt must not exceed {MAX_PROMPT_CHARS} characters, got {len(prompt)}"
+        )
+    if mode == "text-to-image":
+        ratio = data.get("aspect_ratio", "1:1")
+        if ratio not in GROK_ASPECT_RATIOS:
+            raise invalid(
+                f"input.aspect_ratio must be one of {', '.join(GROK_ASPECT_RATIOS)}, got {ratio!r}"
+            )
+        data["aspect_ratio"] = ratio
+    else:
+        urls = data.get("image_urls")
+        if urls is None:
+            raise invalid("Missing required field: input.image_urls (required for image-to-image)")
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise invalid("input.image_urls must be an array of strings")
+        if not urls:
+            raise invalid("input.image_urls must not be empty for image-to-image")
+        if len(urls) > MAX_REFERENCE_IMAGES:
+            raise invalid(
+                f"input.image_urls must not contain more than {MAX_REFERENCE_IMAGES} image, "
+                f"got {len(urls)}"
+            )
+        for url in urls:
+            if not url.strip().lower().startswith(("http://", "https://")):
+                raise invalid(f"input.image_urls entries must be http(s) URLs, got {url!r}")
+    return data
+
+
+_MODEL_RULES = {"grok-image": _validate_grok_image}
+
+
+def validate_submit(model: str, body: Any) -> Submission:
+    if not isinstance(body, dict):
+        raise invalid("Request body must be a JSON object")
+    request_type = body.get("request_type", "async")
+    if request_type not in REQUEST_TYPES:
+        raise invalid(f"request_type must be one of {', '.join(REQUEST_TYPES)}, got {request_type!r}")
+    callback_url = body.get("callback_url")
+    if callback_url is not None and not isinstance(callback_url, str):
+        raise invalid("callback_url must be a string")
+    if request_type == "callback" and not callback_url:
+        raise invalid("Missing required field: callback_url (required when request_type is callback)")
+    provider = body.get("provider", "auto")
+    if not isinstance(provider, str) or not provider.strip():
+        raise invalid("provider must be a non-empty string")
+    raw_input = body.get("input")
+    if raw_input is None:
+        raise invalid("Missing required field: input")
+    if not isinstance(raw_input, dict):
+        raise invalid("input must be an object")
+    rule = _MODEL_RULES.get(model)
+    data = rule(raw_input) if rule else dict(raw_input)
+    return Submission(
+        model=model,
+        input=data,
+        provider=provider,
+        request_type=request_type,
+        callback_url=callback_url if request_type == "callback" else None,
+    )

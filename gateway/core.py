@@ -9,6 +9,7 @@ tasks, the cache, metrics and the webhook outbox.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -28,7 +29,14 @@ from gateway.errors import APIError
 from gateway.limits import Limits
 from gateway.metrics import Metrics
 from gateway.money import micros_to_usd
-from gateway.store import IDEMPOTENCY_TTL_MS, IdempotencyConflict, Outcome, Store, TaskRecord
+from gateway.store import (
+    IDEMPOTENCY_TTL_MS,
+    CacheEntry,
+    IdempotencyConflict,
+    Outcome,
+    Store,
+    TaskRecord,
+)
 from gateway.tasks import new_task_id, now_ms
 from gateway.tracker import Tracker
 from gateway.upstream import Upstream
@@ -98,8 +106,6 @@ class Gateway:
         if not token:
             raise APIError(401, "Missing API key: send 'Authorization: Bearer <team key>'",
                            reason="unauthorized")
-        import hashlib
-
         digest = hashlib.sha256(token.encode()).digest()
         # Compare against every key in constant time so timing reveals nothing.
         found: str | None = None
@@ -277,6 +283,7 @@ class Gateway:
         self, team: TeamConfig, sub: Submission, opts: SubmitOptions, identity: str, cache: str,
         key: str | None, flight: Flight | None,
     ) -> Submitted:
+        self.metrics.cache_lookups.labels(sub.model, cache).inc()
         self.limits.acquire(team)
         try:
             created = now_ms()
@@ -297,12 +304,15 @@ class Gateway:
             await asyncio.shield(self.finish(task.id, Outcome(
                 "failed", now_ms(), fail_code="UpstreamRejected", fail_msg=why,
             )))
+            # The client got an error, so a retry with the same Idempotency-Key
+            # must try again rather than replay a task that never existed upstream.
+            if opts.idempotency_key is not None:
+                await self.store.forget_idempotency(task.id)
             raise
         task = replace(task, state="pending", upstream_id=upstream_id)
         self._views[task.id] = task
         if flight is not None and key is not None:
             self.flights.lift_off(key, flight, task.id)
-        self.metrics.cache_lookups.labels(sub.model, cache).inc()
         self.tracker.track(task)
         return Submitted(task.id, cache)
 
@@ -352,8 +362,6 @@ class Gateway:
                     cache_key is not None and task.state == "success" and not task.no_store
                     and task.result_json is not None
                 ):
-                    from gateway.store import CacheEntry
-
                     self.cache.remember(CacheEntry(
                         cache_key, task.result_json, task.images, task.id,
                         (task.complete_ms or 0) + self.config.cache.ttl_seconds * 1000,

@@ -39,7 +39,8 @@ class APIError(Exception):
         self.extra = extra or {}
 
     def envelope(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "data": {"error": self.error, **self.extra}}
+        data = {"error": self.error, **self.extra}
+        return {"code": self.code, "message": self.message, "data": data}
 
 
 def envelope(code: int, message: str, data: Any = None) -> dict[str, Any]:

@@ -526,7 +526,8 @@ class Store:
             "SELECT team, model, kind, SUM(amount_micros), SUM(images) FROM ledger "
             "GROUP BY team, model, kind"
         ) as cur:
-            return [(str(t), str(m), str(k), int(a), int(i)) for t, m, k, a, i in await cur.fetchall()]
+            rows = await cur.fetchall()
+        return [(str(t), str(m), str(k), int(a), int(i)) for t, m, k, a, i in rows]
 
     async def usage_report(
         self, *, team: str | None, since_day: str | None, until_day: str | None, by_day: bool
@@ -634,6 +635,10 @@ class Store:
         ) as cur:
             row = await cur.fetchone()
         return (str(row[0]), str(row[1])) if row else None
+
+    async def forget_idempotency(self, task_id: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM idempotency WHERE task_id = ?", (task_id,))
 
     async def idempotency_sweep(self, before_ms: int) -> int:
         async with self._transaction() as db:

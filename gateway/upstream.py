@@ -92,7 +92,7 @@ class Upstream:
                         f"APIXO answered HTTP {resp.status} with a body that is not a JSON object"
                     )
                 return resp.status, payload
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise TransientUpstreamError(
                 f"cannot reach APIXO: {type(exc).__name__}: {exc}"
             ) from exc

@@ -83,12 +83,16 @@ def validate_submit(model: str, body: Any) -> Submission:
         raise invalid("Request body must be a JSON object")
     request_type = body.get("request_type", "async")
     if request_type not in REQUEST_TYPES:
-        raise invalid(f"request_type must be one of {', '.join(REQUEST_TYPES)}, got {request_type!r}")
+        raise invalid(
+            f"request_type must be one of {', '.join(REQUEST_TYPES)}, got {request_type!r}"
+        )
     callback_url = body.get("callback_url")
     if callback_url is not None and not isinstance(callback_url, str):
         raise invalid("callback_url must be a string")
     if request_type == "callback" and not callback_url:
-        raise invalid("Missing required field: callback_url (required when request_type is callback)")
+        raise invalid(
+            "Missing required field: callback_url (required when request_type is callback)"
+        )
     provider = body.get("provider", "auto")
     if not isinstance(provider, str) or not provider.strip():
         raise invalid("provider must be a non-empty string")

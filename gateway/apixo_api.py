@@ -33,7 +33,7 @@ def _model(request: web.Request) -> str:
     if model not in pricing:
         served = ", ".join(sorted(pricing)) or "none"
         raise APIError(404, f"Model {model!r} is not served by this gateway (served: {served})",
-                       message="Model not found")
+                       message="Model not found", reason="invalid")
     request["model"] = model
     return model
 
@@ -42,13 +42,18 @@ async def _json_body(request: web.Request) -> Any:
     limit = request.app[GATEWAY].config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"Request body is {request.content_length} bytes; "
-                       f"server.max_body_bytes is {limit}")
+                       f"server.max_body_bytes is {limit}", reason="invalid")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise APIError(413, f"Request body exceeds server.max_body_bytes ({limit})") from None
+        raise APIError(
+            413, f"Request body exceeds server.max_body_bytes ({limit})", reason="invalid"
+        ) from None
     if len(raw) > limit:
-        raise APIError(413, f"Request body is {len(raw)} bytes; server.max_body_bytes is {limit}")
+        raise APIError(
+            413, f"Request body is {len(raw)} bytes; server.max_body_bytes is {limit}",
+            reason="invalid",
+        )
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

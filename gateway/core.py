@@ -175,6 +175,7 @@ class Gateway:
                     409,
                     f"Idempotency-Key {opts.idempotency_key!r} was already used by this team "
                     f"with a different request body (task {task_id})",
+                    reason="invalid",
                 )
             task = await self.get_task(task_id)
             return Submitted(task_id, task.cache if task else "miss", replayed=True)

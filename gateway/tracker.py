@@ -86,14 +86,6 @@ class Tracker:
         processing = task.state == "processing"
         while True:
             await asyncio.sleep(max(0.0, min(next_poll, deadline) - time.time()))
-            now = time.time()
-            if now >= deadline:
-                await self._settle(task, Outcome(
-                    "failed", int(now * 1000), fail_code="Timeout",
-                    fail_msg=f"Task not final after {cfg.task_timeout_seconds:g} s; "
-                    "the gateway gave up and refunded it",
-                ))
-                return
             try:
                 data = await self._upstream.status(task.model, task.upstream_id)
             except TransientUpstreamError as exc:
@@ -108,7 +100,17 @@ class Tracker:
                 if data.get("state") == "processing" and not processing:
                     processing = True
                     await self._on_processing(task)
-            next_poll = time.time() + cfg.poll_interval_seconds
+            # Asked once more before giving up, so a task that finished while
+            # the gateway was down is settled as it really ended.
+            now = time.time()
+            if now >= deadline:
+                await self._settle(task, Outcome(
+                    "failed", int(now * 1000), fail_code="Timeout",
+                    fail_msg=f"Task not final after {cfg.task_timeout_seconds:g} s; "
+                    "the gateway gave up and refunded it",
+                ))
+                return
+            next_poll = now + cfg.poll_interval_seconds
 
     async def _settle(self, task: TaskRecord, outcome: Outcome) -> None:
         # A failed write (disk full, locked database) must not drop the task:

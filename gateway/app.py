@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,15 +21,17 @@ from gateway.core import Gateway
 from gateway.errors import APIError
 from gateway.metrics import Metrics
 from gateway.simulator import create_simulator_app
-from gateway.store import Store
+from gateway.store import Store, TaskRecord
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway.access")
 
 
-MAINTENANCE_INTERVAL_SECONDS = 300.0
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# A client's X-Request-Id is kept only if it looks like an id: it goes into every
+# log line of the request, so it must not be able to forge or bloat them.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
 def _endpoint(request: web.Request) -> str:
@@ -53,7 +56,9 @@ def _endpoint(request: web.Request) -> str:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn errors into APIXO envelopes; count, time and log every request once."""
     started = time.perf_counter()
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request_id = request.headers.get("X-Request-Id", "").strip()
+    if not _REQUEST_ID.fullmatch(request_id):
+        request_id = uuid.uuid4().hex
     request["request_id"] = request_id
     metrics = request.app[METRICS]
     try:
@@ -84,14 +89,19 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     model = request.get("model", "none")
     metrics.requests.labels(endpoint, model, team, str(response.status)).inc()
     metrics.request_duration.labels(endpoint).observe(elapsed)
+    # Scrapes are not logged: one line every few seconds would drown the requests.
     if endpoint != "metrics":
-        log.info("request", extra={
+        fields = {
             "event": "request", "request_id": request_id, "method": request.method,
             "path": request.path, "endpoint": endpoint, "team": team, "model": model,
             "status": response.status, "cache": request.get("cache"),
             "task_id": request.get("task_id"), "error": request.get("error"),
             "duration_ms": round(elapsed * 1000, 3),
-        })
+        }
+        # Prompts can be personal or confidential: logged only when the operator opts in.
+        if request.app[CONFIG].logging.log_prompts:
+            fields["prompt"] = request.get("prompt")
+        log.info("request", extra=fields)
     return response
 
 
@@ -133,12 +143,13 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     secret_env = config.callbacks.signing_secret_env
     gateway_ref: list[Gateway] = []
 
-    async def load_task(task_id: str) -> object:
+    async def load_task(task_id: str) -> TaskRecord | None:
         return await gateway_ref[0].get_task(task_id)
 
     callbacks = Callbacks(
-        store, session, config.callbacks, metrics, load_task,  # type: ignore[arg-type]
+        store, session, config.callbacks, metrics, load_task,
         os.environ.get(secret_env) or None,
+        backoff_base_seconds=config.callbacks.backoff_base_seconds,
     )
     gateway = Gateway(config, store, upstream, metrics, callbacks)
     gateway_ref.append(gateway)
@@ -174,7 +185,8 @@ async def _maintenance(gateway: Gateway) -> None:
                 )
         except Exception:
             logging.getLogger("gateway").exception("maintenance sweep failed; will retry")
-        await asyncio.sleep(MAINTENANCE_INTERVAL_SECONDS)
+        # Read on every round so a SIGHUP reload changes the interval too.
+        await asyncio.sleep(gateway.config.cache.sweep_interval_seconds)
 
 
 def create_app(

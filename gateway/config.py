@@ -58,6 +58,8 @@ class CacheConfig:
     scope: str = "global"
     memory_entries: int = 10_000
     max_entries: int = 1_000_000
+    # How often expired entries are deleted in the background, not only on read.
+    sweep_interval_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class CallbacksConfig:
     allow_private_networks: bool = False
     max_attempts: int = 8
     signing_secret_env: str = "GATEWAY_WEBHOOK_SECRET"
+    backoff_base_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,9 @@ _POSITIVE = {
     "cache.ttl_seconds",
     "cache.memory_entries",
     "cache.max_entries",
+    "cache.sweep_interval_seconds",
     "callbacks.max_attempts",
+    "callbacks.backoff_base_seconds",
 }
 
 _CHOICES = {

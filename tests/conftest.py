@@ -154,7 +154,8 @@ class GatewayProcess:
             },
             "storage": {"path": str(self.db)},
             "logging": {"format": "json", "level": "INFO"},
-            "callbacks": {"allow_http": True, "allow_private_networks": True},
+            "callbacks": {"allow_http": True, "allow_private_networks": True,
+                          "backoff_base_seconds": 0.5},
         }
         for name, values in sections.items():
             self.config.setdefault(name, {}).update(values)

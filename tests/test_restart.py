@@ -1,0 +1,177 @@
+"""Restart safety: kill -9 and SIGTERM with work in flight, then start again on the same DB."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Client, SimulatorProcess, t2i, team
+
+BUDGET = 5.0
+PRICE = 0.1
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    # No keep-alive: a pooled connection to the killed process would fail the first
+    # request after the restart, which says nothing about the gateway.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield session
+
+
+async def submit_all(client: Client, prompts: list[str]) -> list[str]:
+    ids = []
+    for prompt in prompts:
+        code, body, _ = await client.submit(t2i(prompt))
+        assert code == 200, body
+        ids.append(body["data"]["taskId"])
+    return ids
+
+
+async def wait_for_attempts(sim: SimulatorProcess, n: int) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            if (await sim.stats())["submit_attempts"] >= n:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_kill9_with_tasks_in_flight_resumes_without_resubmitting(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    # Two finish upstream while the gateway is down, two only after it is back.
+    ids = await submit_all(alpha, [
+        "[latency:0.3] done while down 1", "[latency:0.3] done while down 2",
+        "[latency:2.5] done after restart 1", "[latency:2.5] done after restart 2",
+    ])
+    assert round(await alpha.balance(), 6) == BUDGET - 4 * PRICE  # reserved
+    before = await sim.stats()
+    assert before["submits"] == before["submit_attempts"] == 4
+    gw.kill9()
+    await asyncio.sleep(0.5)  # the short tasks finish upstream while nobody watches
+    gw.start()
+    # Every task is known again as soon as the new process answers.
+    for task_id in ids:
+        code, reply = await alpha.status(task_id)
+        assert code == 200 and reply["data"]["taskId"] == task_id
+    for task_id in ids:
+        data = await alpha.wait_final(task_id)
+        assert data["state"] == "success", data
+    after = await sim.stats()
+    assert after["submit_attempts"] == 4 and after["submits"] == 4  # never resubmitted
+    assert round(await alpha.balance(), 6) == BUDGET - 4 * PRICE  # charged once each
+    row = next(r for r in (await alpha.admin("/admin/teams"))["teams"] if r["name"] == "alpha")
+    assert row["reserved_usd"] == 0 and row["in_flight"] == 0, row
+    assert round(row["spent_usd"], 6) == 4 * PRICE and row["images"] == 4
+
+
+async def test_kill9_before_upstream_accepted_refunds_and_never_resubmits(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET)], upstream={"max_retries": 8})
+    alpha = Client(http, gw.url, "key-alpha")
+    # Upstream keeps answering 503, so the gateway sits in its retry backoff with
+    # the money reserved and no upstream id yet when it is killed.
+    await sim.faults(submit_errors=[503] * 8)
+    submit = asyncio.create_task(alpha.submit(t2i("caught mid-submit")))
+    await wait_for_attempts(sim, 2)
+    gw.kill9()
+    try:
+        await submit
+    except aiohttp.ClientError:
+        pass  # the connection died with the process, as it would for a real client
+    else:
+        raise AssertionError("the submit answered although the gateway was killed mid-way")
+    async with http.post(sim.root + "/_sim/reset") as r:  # clears the remaining 503s
+        assert r.status == 200
+    gw.start()
+    tasks = (await alpha.admin("/admin/tasks", team="alpha"))["tasks"]
+    assert len(tasks) == 1, tasks
+    (task,) = tasks
+    assert task["state"] == "failed" and task["failCode"] == "GatewayRestart", task
+    assert task["charged_usd"] == 0
+    assert await alpha.balance() == BUDGET  # the reservation came back
+    await asyncio.sleep(0.3)
+    stats = await sim.stats()
+    assert stats["submit_attempts"] == 0 and stats["status_polls"] == 0  # not resubmitted
+
+
+async def test_sigterm_finishes_the_request_in_flight_exits_0_and_resumes(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    ids = await submit_all(alpha, ["[latency:2] in flight at shutdown"])
+    # A submit that is still being retried when SIGTERM arrives must be finished,
+    # not cut off: two 503s keep it busy for a few hundred milliseconds.
+    await sim.faults(submit_errors=[503, 503])
+    pending = asyncio.create_task(alpha.submit(t2i("[latency:2] submitted during shutdown")))
+    await wait_for_attempts(sim, 2)
+    started = time.monotonic()
+    assert await asyncio.to_thread(gw.terminate) == 0
+    assert time.monotonic() - started < 10
+    code, body, _ = await pending
+    assert code == 200, body
+    ids.append(body["data"]["taskId"])
+    assert "apixo-gateway stopped" in gw.log.read_text()
+    # Stopped for good: nothing listens any more.
+    try:
+        async with http.get(gw.url + "/healthz") as r:
+            raise AssertionError(f"still answering after exit: {r.status}")
+    except aiohttp.ClientConnectionError:
+        pass
+    submits = (await sim.stats())["submits"]
+    assert submits == 2
+    gw.start()
+    for task_id in ids:
+        data = await alpha.wait_final(task_id)
+        assert data["state"] == "success", data
+    assert (await sim.stats())["submits"] == submits
+    assert round(await alpha.balance(), 6) == BUDGET - 2 * PRICE
+
+
+async def test_health_and_readiness(gateways: Any, http: aiohttp.ClientSession) -> None:
+    gw = gateways()
+    for path in ("/healthz", "/readyz"):
+        async with http.get(gw.url + path) as r:
+            assert r.status == 200, await r.text()
+    gw.kill9()
+    gw.start()  # the same database file, reopened
+    async with http.get(gw.url + "/readyz") as r:
+        assert r.status == 200
+
+
+async def test_kill9_with_joined_tasks_settles_every_follower_once(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET), team("beta", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    beta = Client(http, gw.url, "key-beta")
+    body = t2i("[latency:2] one render, two teams")
+    code, first, headers = await alpha.submit(body)
+    assert code == 200 and headers["X-Gateway-Cache"] == "miss"
+    code, second, headers = await beta.submit(body)
+    assert code == 200 and headers["X-Gateway-Cache"] == "joined"
+    gw.kill9()
+    gw.start()
+    # The leader is still in flight upstream after the restart: joining still works.
+    code, third, headers = await alpha.submit(body)
+    assert code == 200 and headers["X-Gateway-Cache"] == "joined", headers
+    results = set()
+    for client, reply in ((alpha, first), (beta, second), (alpha, third)):
+        data = await client.wait_final(reply["data"]["taskId"])
+        assert data["state"] == "success", data
+        results.add(data["resultJson"])
+    assert len(results) == 1  # the same images for everyone
+    assert (await sim.stats())["submit_attempts"] == 1
+    # Only the leader's team pays; joining is free.
+    assert round(await alpha.balance(), 6) == BUDGET - PRICE
+    assert await beta.balance() == BUDGET

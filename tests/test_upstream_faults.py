@@ -1,0 +1,196 @@
+"""Upstream misbehaving: retries, error mapping, status errors, task timeouts.
+
+Faults are injected into the real simulator process through /_sim/faults; the
+gateway sees real HTTP errors and dropped connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import Client, SimulatorProcess, t2i, team
+
+BUDGET = 1.0
+
+
+async def team_row(client: Client, name: str = "alpha") -> dict[str, Any]:
+    rows = (await client.admin("/admin/teams"))["teams"]
+    (row,) = [r for r in rows if r["name"] == name]
+    return row  # type: ignore[no-any-return]
+
+
+async def assert_nothing_held(client: Client) -> None:
+    """No money spent or reserved, no lease left: the team is as it started."""
+    assert await client.balance() == BUDGET
+    row = await team_row(client)
+    assert row["spent_usd"] == 0 and row["reserved_usd"] == 0, row
+    assert row["in_flight"] == 0, row
+
+
+async def test_submit_is_retried_on_429_503_and_dropped_connection(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    await sim.faults(submit_errors=[429, 503, "drop"])
+    code, body, _ = await alpha.submit(t2i("third time lucky"))
+    assert code == 200, body
+    stats = await sim.stats()
+    assert stats["submit_attempts"] == 4  # three failures, then the one that worked
+    assert stats["submits"] == 1
+    data = await alpha.wait_final(body["data"]["taskId"])
+    assert data["state"] == "success"
+    assert round(await alpha.balance(), 6) == BUDGET - 0.1  # charged once, not per attempt
+
+
+async def test_submit_still_failing_after_max_retries_is_502_and_refunded(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET, max_concurrent=1)],
+                  upstream={"max_retries": 2})
+    alpha = Client(http, gw.url, "key-alpha")
+    await sim.faults(submit_errors=[503, 500, "drop"])
+    code, body, _ = await alpha.submit(t2i("upstream is down"))
+    assert code == 502 and body["code"] == 502, body
+    assert "3 attempts" in body["data"]["error"]
+    stats = await sim.stats()
+    assert stats["submit_attempts"] == 3 and stats["submits"] == 0  # 1 + max_retries
+    await assert_nothing_held(alpha)
+    # The failed submit left no concurrency lease behind: with max_concurrent = 1
+    # the next submit goes through.
+    code, body, _ = await alpha.submit(t2i("upstream is back"))
+    assert code == 200, body
+    assert (await alpha.wait_final(body["data"]["taskId"]))["state"] == "success"
+
+
+async def test_upstream_400_passes_through_and_is_not_retried(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    await sim.faults(reject_submits_with=400)
+    code, body, _ = await alpha.submit(t2i("upstream dislikes this"))
+    assert code == 400, body
+    assert body == {"code": 400, "message": "Invalid request",
+                    "data": {"error": "Simulated fault: HTTP 400"}}
+    assert (await sim.stats())["submit_attempts"] == 1
+    await assert_nothing_held(alpha)
+
+
+async def test_upstream_auth_and_balance_errors_blame_the_gateway(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    # What upstream said, and what the operator must hear about: the gateway's own
+    # key or account, never the team's (the team's key was fine).
+    expected = {401: ("key", "api_key_env"), 403: ("key", "api_key_env"),
+                402: ("balance", "top it up")}
+    attempts = 0
+    for status, needles in expected.items():
+        await sim.faults(reject_submits_with=status)
+        code, body, _ = await alpha.submit(t2i(f"refused with {status}"))
+        assert code == 502 and body["code"] == 502, body
+        error = body["data"]["error"]
+        assert "gateway" in error, error
+        for needle in needles:
+            assert needle in error, error
+        assert str(status) in error, error  # upstream's words are kept for the operator
+        attempts += 1
+        # Not retried: another attempt cannot fix a key or a balance.
+        assert (await sim.stats())["submit_attempts"] == attempts
+    await assert_nothing_held(alpha)
+
+
+async def test_model_unknown_upstream_is_502(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # Priced here by mistake, unknown to APIXO: the operator's config is at fault.
+    gw = gateways([team("alpha", budget_usd=BUDGET)],
+                  pricing={"grok-image": 0.1, "imaginary-model": 0.2})
+    alpha = Client(http, gw.url, "key-alpha")
+    code, body, _ = await alpha.submit({"input": {"prompt": "x"}}, model="imaginary-model")
+    assert code == 502 and body["code"] == 502, body
+    assert "model" in body["data"]["error"]
+    await assert_nothing_held(alpha)
+
+
+async def test_status_errors_never_fail_a_task(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    faults: list[int | str] = [500, 502, 503, 429, "drop", 503]
+    await sim.faults(status_errors=faults)
+    code, body, _ = await alpha.submit(t2i("[latency:0.1] flaky status endpoint"))
+    assert code == 200
+    data = await alpha.wait_final(body["data"]["taskId"])
+    assert data["state"] == "success", data
+    stats = await sim.stats()
+    assert stats["status_polls"] >= len(faults) + 1  # every fault consumed, then the answer
+    assert stats["submits"] == 1
+    assert round(await alpha.balance(), 6) == BUDGET - 0.1
+
+
+async def test_task_not_final_by_task_timeout_fails_with_timeout_and_is_refunded(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET)], upstream={"task_timeout_seconds": 1})
+    alpha = Client(http, gw.url, "key-alpha")
+    code, body, _ = await alpha.submit(t2i("[latency:30] a very slow render"))
+    assert code == 200
+    task_id = body["data"]["taskId"]
+    code, reply = await alpha.status(task_id)
+    assert reply["data"]["state"] in ("pending", "processing")
+    data = await alpha.wait_final(task_id, timeout=10)
+    assert data["state"] == "failed"
+    assert data["failCode"] == "Timeout"
+    assert data["failMsg"]
+    assert "resultJson" not in data or not data["resultJson"]
+    assert data["completeTime"] - data["createTime"] >= 1000
+    await assert_nothing_held(alpha)
+    # The gateway stops polling a task it gave up on (poll_interval is 0.1 s).
+    polls = (await sim.stats())["status_polls"]
+    await asyncio.sleep(0.5)
+    assert (await sim.stats())["status_polls"] == polls
+    # A normal task within the timeout still succeeds.
+    code, body, _ = await alpha.submit(t2i("a quick one"))
+    assert code == 200
+    assert (await alpha.wait_final(body["data"]["taskId"]))["state"] == "success"
+    assert (await sim.stats())["submits"] == 2
+
+
+async def test_upstream_that_never_answers_times_out_into_502(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # A real socket that accepts and reads but never answers: only
+    # request_timeout_seconds can end each call.
+    seen: list[bytes] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))  # the request head
+        await reader.read()  # until the gateway gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        gw = gateways([team("alpha", budget_usd=BUDGET)], upstream={
+            "base_url": f"http://127.0.0.1:{port}/api/v1",
+            "request_timeout_seconds": 0.3, "max_retries": 1,
+        })
+        alpha = Client(http, gw.url, "key-alpha")
+        started = time.monotonic()
+        code, body, _ = await alpha.submit(t2i("into the void"))
+        elapsed = time.monotonic() - started
+        assert code == 502 and body["code"] == 502, body
+        assert "2 attempts" in body["data"]["error"]
+        assert len(seen) == 2 and seen[0].startswith(b"POST /api/v1/generateTask/grok-image")
+        assert b"upstream-test-key" in seen[0]  # the gateway's own key, not the team's
+        assert b"key-alpha" not in seen[0]
+        assert 0.6 <= elapsed < 5, elapsed
+        await assert_nothing_held(alpha)

@@ -11,6 +11,7 @@ was submitted, and a period's figure is the sum of its days.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -62,7 +63,7 @@ class Budgets:
 
     async def reserve(
         self, team: TeamConfig, task: TaskRecord, *, idempotency: tuple[str, str] | None,
-        now_ms: int,
+        now_ms: int, admit: Callable[[], None] | None = None,
     ) -> None:
         today = date.fromisoformat(task.budget_day)
         try:
@@ -72,6 +73,7 @@ class Budgets:
                 period_start_day=period_start_key(team, today),
                 idempotency=idempotency,
                 now_ms=now_ms,
+                admit=admit,
             )
         except BudgetExceeded as exc:
             raise over_budget(team, exc.usage, task.reserved_micros) from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -326,13 +326,20 @@ class Store:
         period_start_day: str,
         idempotency: tuple[str, str] | None,
         now_ms: int,
+        admit: Callable[[], None] | None = None,
     ) -> None:
-        """Check the budget and reserve the task's price in one write transaction."""
+        """Check the budget and reserve the task's price in one write transaction.
+
+        admit() runs once the budget check has passed, inside the transaction; if
+        it raises (a concurrency limit), nothing is written.
+        """
         async with self._transaction() as db:
             if budget is not None:
                 usage = await _usage(db, task.team, period_start_day)
                 if usage.spent + usage.reserved + task.reserved_micros > budget:
                     raise BudgetExceeded(usage)
+            if admit is not None:
+                admit()
             await db.execute(_TASK_INSERT, _task_values(task))
             await _ledger(db, task, "reserve", task.reserved_micros, 0, now_ms)
             if idempotency is not None:

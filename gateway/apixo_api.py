@@ -85,9 +85,16 @@ async def generate_task(request: web.Request) -> web.Response:
     model = _model(request)
     body = await _json_body(request)
     submission = validate_submit(model, body)
+    prompt = submission.input.get("prompt")
+    if isinstance(prompt, str):
+        request["prompt"] = prompt  # logged only with [logging] log_prompts = true
     no_cache, no_store = _cache_control(request)
     opts = SubmitOptions(
-        body_hash=hashlib.sha256(canonical_json(body).encode()).hexdigest(),
+        # The model is part of what was asked: the same body sent to another
+        # model under the same Idempotency-Key is a different request (409).
+        body_hash=hashlib.sha256(
+            canonical_json({"model": model, "body": body}).encode()
+        ).hexdigest(),
         idempotency_key=_idempotency_key(request),
         no_cache=no_cache,
         no_store=no_store,

@@ -10,6 +10,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from gateway.errors import APIError
 from gateway.store import CacheEntry, Store
 
 
@@ -62,12 +63,15 @@ class ResultCache:
 class Flight:
     """An identity being worked on upstream; identical requests join its leader.
 
-    `ready` resolves to the leader's task id once the upstream task exists, or to
-    None if the leader never got there (budget, limits, upstream refusal): the
-    waiters then run the whole decision again themselves.
+    `ready` resolves to the leader's task id once the upstream task exists; to
+    the APIError upstream refused it with, which the waiters answer too (the same
+    body would be refused the same way, and retrying it once per waiter, one
+    after another, would keep them waiting for minutes); or to None if the leader
+    stopped for a reason of its own (its team's budget or limits, a cancelled
+    request): the waiters then run the whole decision again themselves.
     """
 
-    ready: asyncio.Future[str | None] = field(
+    ready: asyncio.Future[str | APIError | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     leader_id: str | None = None
@@ -97,11 +101,11 @@ class Flights:
         flight = self.start(key)
         self.lift_off(key, flight, leader_id)
 
-    def abort(self, key: str, flight: Flight) -> None:
+    def abort(self, key: str, flight: Flight, refusal: APIError | None = None) -> None:
         if self._by_key.get(key) is flight:
             del self._by_key[key]
         if not flight.ready.done():
-            flight.ready.set_result(None)
+            flight.ready.set_result(refusal)
 
     def land(self, leader_id: str) -> None:
         key = self._by_leader.pop(leader_id, None)

@@ -98,6 +98,11 @@ class Gateway:
             if team.max_concurrent is not None:
                 self.metrics.team_max_concurrent.labels(team.name).set(team.max_concurrent)
             self.metrics.tasks_in_flight.labels(team.name).set(self.limits.in_flight(team.name))
+            # Money series exist at 0 from the start, so the first dollar shows in rate().
+            for model in config.pricing:
+                self.metrics.spend.touch(team.name, model)
+                self.metrics.saved.touch(team.name, model)
+                self.metrics.images.labels(team.name, model)
 
     def authenticate(self, authorization: str | None) -> TeamConfig:
         token = ""
@@ -126,10 +131,10 @@ class Gateway:
             if not self._is_team(team):
                 continue
             if kind == "charge":
-                self.metrics.spend.labels(team, model).inc(micros_to_usd(amount))
+                self.metrics.spend.add(team, model, amount)
                 self.metrics.images.labels(team, model).inc(images)
             elif kind == "saving":
-                self.metrics.saved.labels(team, model).inc(micros_to_usd(amount))
+                self.metrics.saved.add(team, model, amount)
         for task in await self.store.active_tasks():
             if task.leader_id is not None:
                 continue
@@ -207,10 +212,13 @@ class Gateway:
                 return await self._hit(team, sub, opts, identity, entry.result_json, entry.images)
             flight = self.flights.get(key)
             if flight is not None:
-                leader_id = await asyncio.shield(flight.ready)
-                if leader_id is not None:
-                    return await self._join(team, sub, opts, identity, leader_id)
-                continue  # the leader never reached upstream: decide again
+                ready = await asyncio.shield(flight.ready)
+                if isinstance(ready, APIError):  # upstream refused this very request
+                    raise APIError(ready.code, ready.error, message=ready.message,
+                                   headers=ready.headers, extra=ready.extra)
+                if ready is not None:
+                    return await self._join(team, sub, opts, identity, ready)
+                continue  # the leader stopped before upstream: decide again
             flight = self.flights.start(key)
             try:
                 entry = await self.cache.get(key, now_ms())
@@ -278,6 +286,7 @@ class Gateway:
             self._finished([task])
         else:
             self._views[task.id] = task
+            _log_state("task joined", task, leader_id=leader_id)
         return Submitted(task.id, "joined")
 
     async def _lead(
@@ -285,14 +294,26 @@ class Gateway:
         key: str | None, flight: Flight | None,
     ) -> Submitted:
         self.metrics.cache_lookups.labels(sub.model, cache).inc()
-        self.limits.acquire(team)
+        # The lease is taken inside the reservation's transaction, after the budget
+        # check: requests that will get a 402 never hold a slot, so a burst from a
+        # team out of budget cannot make the gateway look busy to everyone else.
+        acquired = False
+
+        def admit() -> None:
+            nonlocal acquired
+            self.limits.acquire(team)
+            acquired = True
+
         try:
             created = now_ms()
             task = self._new_task(team, sub, opts, identity, cache, created)
             task = replace(task, reserved_micros=task.price_micros)
-            await self.budgets.reserve(team, task, idempotency=self._idem(opts), now_ms=created)
+            await self.budgets.reserve(
+                team, task, idempotency=self._idem(opts), now_ms=created, admit=admit
+            )
         except BaseException:
-            self.limits.release(team.name)
+            if acquired:
+                self.limits.release(team.name)
             raise
         self.metrics.tasks_in_flight.labels(team.name).set(self.limits.in_flight(team.name))
         try:
@@ -302,6 +323,8 @@ class Gateway:
             # Upstream refused or never answered: nothing is owed. finish() does
             # the release exactly once and frees the lease.
             why = exc.error if isinstance(exc, APIError) else f"submit interrupted: {exc!r}"
+            if flight is not None and key is not None and isinstance(exc, APIError):
+                self.flights.abort(key, flight, refusal=exc)
             await asyncio.shield(self.finish(task.id, Outcome(
                 "failed", now_ms(), fail_code="UpstreamRejected", fail_msg=why,
             )))
@@ -312,6 +335,7 @@ class Gateway:
             raise
         task = replace(task, state="pending", upstream_id=upstream_id)
         self._views[task.id] = task
+        _log_state("task submitted upstream", task)
         if flight is not None and key is not None:
             self.flights.lift_off(key, flight, task.id)
         self.tracker.track(task)
@@ -324,6 +348,7 @@ class Gateway:
         view = self._views.get(task.id)
         if view is not None and view.state == "pending":
             self._views[task.id] = replace(view, state="processing")
+        _log_state("task processing", replace(task, state="processing"))
 
     async def _on_outcome(self, task: TaskRecord, outcome: Outcome) -> None:
         await self.finish(task.id, outcome)
@@ -331,7 +356,11 @@ class Gateway:
     async def finish(self, task_id: str, outcome: Outcome) -> list[TaskRecord]:
         task = self._views.get(task_id) or await self.store.get_task(task_id)
         key = None
-        if task is not None and task.cache == "miss":
+        # A no-cache request ("bypass") only skipped the lookup: unless it also
+        # said no-store, its fresh result is kept like any miss.
+        if task is not None and (
+            task.cache == "miss" or (task.cache == "bypass" and self.config.cache.enabled)
+        ):
             key = self._cache_key(task.identity, task.team)
         finished = await self.budgets.settle(
             task_id, outcome, cache_key=key, cache_ttl_ms=self.config.cache.ttl_seconds * 1000
@@ -355,9 +384,7 @@ class Gateway:
                         self.limits.in_flight(task.team)
                     )
                 if known and task.charged_micros:
-                    self.metrics.spend.labels(task.team, task.model).inc(
-                        micros_to_usd(task.charged_micros)
-                    )
+                    self.metrics.spend.add(task.team, task.model, task.charged_micros)
                     self.metrics.images.labels(task.team, task.model).inc(task.images)
                 if (
                     cache_key is not None and task.state == "success" and not task.no_store
@@ -368,9 +395,7 @@ class Gateway:
                         (task.complete_ms or 0) + self.config.cache.ttl_seconds * 1000,
                     ))
             if known and task.saved_micros:
-                self.metrics.saved.labels(task.team, task.model).inc(
-                    micros_to_usd(task.saved_micros)
-                )
+                self.metrics.saved.add(task.team, task.model, task.saved_micros)
             if task.state == "failed" and known and task.fail_code not in (
                 "UpstreamRejected",
             ):
@@ -379,12 +404,10 @@ class Gateway:
                 ).inc()
             if task.state in ("success", "failed") and task.fail_code != "UpstreamRejected":
                 self.metrics.task_duration.labels(task.model, task.state).observe(max(0, seconds))
-            log.info("task final", extra={
-                "event": "task_state", "task_id": task.id, "team": task.team,
-                "model": task.model, "state": task.state, "cache": task.cache,
-                "fail_code": task.fail_code, "images": task.images,
-                "charged_usd": micros_to_usd(task.charged_micros),
-            })
+            _log_state(
+                "task final", task, fail_code=task.fail_code, images=task.images,
+                charged_usd=micros_to_usd(task.charged_micros), seconds=round(seconds, 3),
+            )
         if callbacks:
             self.callbacks.wake()
 
@@ -408,6 +431,14 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.tracker.stop()
+
+
+def _log_state(message: str, task: TaskRecord, **extra: object) -> None:
+    """One log line per task state change (never the prompt: that is the request line's)."""
+    log.info(message, extra={
+        "event": "task_state", "task_id": task.id, "team": task.team, "model": task.model,
+        "state": task.state, "cache": task.cache, **extra,
+    })
 
 
 def monotonic_ms() -> int:

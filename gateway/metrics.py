@@ -2,14 +2,56 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from gateway.money import Micros, micros_to_usd
 
 # fail_code is an open set upstream; past this many distinct values a label
 # series explosion would hurt Prometheus, so the rest become "other".
 MAX_FAIL_CODES = 50
+MAX_FAIL_CODE_CHARS = 64
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _TASK_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 15, 20, 25, 30, 45, 60, 90, 120, 300, 600, 900)
+
+
+class MoneyCounter:
+    """A USD counter by (team, model), kept in integer micro-dollars.
+
+    A float counter fed 0.1 at a time drifts from the ledger's exact sum; after a
+    restart the restored (exact) value can then be a hair lower than the last
+    scraped one, and Prometheus reads any decrease as a counter reset: increase()
+    would show the whole all-time total as new spend. Integers make the value the
+    same before and after a restart.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._micros: dict[tuple[str, str], Micros] = {}
+        registry.register(self)
+
+    def add(self, team: str, model: str, micros: Micros) -> None:
+        if micros < 0:
+            raise ValueError("counters only go up")
+        key = (team, model)
+        self._micros[key] = self._micros.get(key, 0) + micros
+
+    def touch(self, team: str, model: str) -> None:
+        """Export 0 for a pair before its first dollar, so rate() sees that first dollar."""
+        self._micros.setdefault((team, model), 0)
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=("team", "model"))
+        for (team, model), micros in sorted(self._micros.items()):
+            family.add_metric([team, model], micros_to_usd(micros))
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, labels=("team", "model"))
 
 
 class Metrics:
@@ -24,13 +66,11 @@ class Metrics:
             "apixo_gateway_request_duration_seconds", "Time to answer an HTTP request",
             ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.spend = Counter(
-            "apixo_gateway_spend_usd", "USD charged to teams for upstream images",
-            ["team", "model"], registry=r,
+        self.spend = MoneyCounter(
+            "apixo_gateway_spend_usd", "USD charged to teams for upstream images", r,
         )
-        self.saved = Counter(
-            "apixo_gateway_saved_usd", "USD not spent thanks to cache hits and joins",
-            ["team", "model"], registry=r,
+        self.saved = MoneyCounter(
+            "apixo_gateway_saved_usd", "USD not spent thanks to cache hits and joins", r,
         )
         self.images = Counter(
             "apixo_gateway_images", "Images generated upstream and charged",
@@ -83,7 +123,7 @@ class Metrics:
         self._fail_codes: set[str] = set()
 
     def fail_code_label(self, code: str | None) -> str:
-        code = code or "unknown"
+        code = (code or "unknown")[:MAX_FAIL_CODE_CHARS]
         if code in self._fail_codes:
             return code
         if len(self._fail_codes) >= MAX_FAIL_CODES:

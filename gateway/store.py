@@ -1,17 +1,28 @@
 """Every SQL statement of the gateway, behind a narrow async interface.
 
-One aiosqlite connection writes, under one asyncio lock, each change in one
-`BEGIN IMMEDIATE` transaction; a second connection reads committed state so
+One connection writes, under one asyncio lock, each change in one
+`BEGIN IMMEDIATE` transaction; other connections read committed state so
 status and admin reads never queue behind a write. Money rows go to an
 append-only ledger whose UNIQUE(task_id, kind) makes every charge and release
 happen at most once even if two code paths race to settle a task.
+
+The writer and the point reads (one task, one cache entry, one idempotency key,
+a team's usage) run on the event loop's own thread: with WAL and
+synchronous=NORMAL a commit is a write() into the OS page cache, tens of
+microseconds, while handing each statement to a worker thread and back costs
+more than the statement, and under load the GIL handoffs between the loop and
+the worker dominated the submit path. What can take long stays off the loop:
+checkpoints (the only fsyncs) run on their own connection in a thread, sweeps
+delete in small batches, and scans (reports, admin lists, the outbox, startup
+totals) go through an aiosqlite connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -20,8 +31,12 @@ import aiosqlite
 
 from gateway.money import Micros
 
+log = logging.getLogger("gateway.store")
+
 SCHEMA_VERSION = 1
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
+CHECKPOINT_INTERVAL_SECONDS = 1.0
+SWEEP_BATCH = 500  # rows per sweep transaction: each holds the loop well under a millisecond
 
 ACTIVE_STATES = ("submitting", "pending", "processing")
 FINAL_STATES = ("success", "failed")
@@ -229,33 +244,99 @@ class IdempotencyConflict(Exception):
         self.body_hash = body_hash
 
 
+class _Cursor:
+    """A sqlite3 cursor that has already run, awaitable like aiosqlite's."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    async def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    async def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    def __await__(self) -> Generator[None, None, _Cursor]:
+        return self
+        yield  # a generator that never suspends: the statement has already run
+
+    async def __aenter__(self) -> _Cursor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._cursor.close()
+
+
+class _Connection:
+    """A sqlite3 connection used on the loop's thread, with the slice of aiosqlite's API we use."""
+
+    def __init__(self, path: str, *, query_only: bool = False) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None)
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        if query_only:
+            self._conn.execute("PRAGMA query_only=ON")
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _Cursor:
+        return _Cursor(self._conn.execute(sql, parameters))
+
+    async def close(self) -> None:
+        self._conn.close()
+
+
 class Store:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: _Connection | None = None
+        self._point: _Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpoints: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------
 
     async def open(self) -> None:
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        self._writer = _Connection(self.path)
         await self._writer.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives process crashes (kill -9); only an OS
         # crash may lose the last commits, a trade the 1 ms submit path needs.
         await self._writer.execute("PRAGMA synchronous=NORMAL")
-        await self._writer.execute("PRAGMA busy_timeout=5000")
+        # A checkpoint fsyncs: never on the loop's thread (see _checkpoint_loop).
+        await self._writer.execute("PRAGMA wal_autocheckpoint=0")
         await self._writer.execute("PRAGMA foreign_keys=ON")
         await self._migrate()
+        self._point = _Connection(self.path, query_only=True)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
         await self._reader.execute("PRAGMA query_only=ON")
+        self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._checkpointer.execute("PRAGMA busy_timeout=5000")
+        self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="wal-checkpoint")
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            await asyncio.gather(self._checkpoints, return_exceptions=True)
+            self._checkpoints = None
+        for conn in (self._reader, self._checkpointer, self._point, self._writer):
             if conn is not None:
                 await conn.close()
-        self._reader = self._writer = None
+        self._reader = self._checkpointer = None
+        self._writer = self._point = None
+
+    async def _checkpoint_loop(self) -> None:
+        """Copy the WAL back into the database in a thread, so the WAL stays small."""
+        assert self._checkpointer is not None
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL_SECONDS)
+            try:
+                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                log.exception("WAL checkpoint failed; will retry")
 
     async def _migrate(self) -> None:
         db = self._w
@@ -284,10 +365,16 @@ class Store:
                 raise
 
     @property
-    def _w(self) -> aiosqlite.Connection:
+    def _w(self) -> _Connection:
         if self._writer is None:
             raise RuntimeError("store is not open")
         return self._writer
+
+    @property
+    def _p(self) -> _Connection:
+        if self._point is None:
+            raise RuntimeError("store is not open")
+        return self._point
 
     @property
     def _r(self) -> aiosqlite.Connection:
@@ -296,7 +383,7 @@ class Store:
         return self._reader
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _transaction(self) -> AsyncIterator[_Connection]:
         # The lock keeps other coroutines' statements out of this transaction:
         # they share the single writer connection.
         async with self._lock:
@@ -316,7 +403,7 @@ class Store:
     # -- money ----------------------------------------------------------
 
     async def usage(self, team: str, since_day: str) -> Usage:
-        return await _usage(self._r, team, since_day)
+        return await _usage(self._p, team, since_day)
 
     async def create_reserved_task(
         self,
@@ -478,7 +565,7 @@ class Store:
     # -- reads ------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        async with self._r.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)) as cur:
+        async with self._p.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)) as cur:
             row = await cur.fetchone()
         return _task(row) if row else None
 
@@ -611,7 +698,7 @@ class Store:
     # -- cache ------------------------------------------------------------
 
     async def cache_get(self, key: str, now_ms: int) -> CacheEntry | None:
-        async with self._r.execute(
+        async with self._p.execute(
             "SELECT key, result_json, images, task_id, expires_ms FROM cache "
             "WHERE key = ? AND expires_ms > ?",
             (key, now_ms),
@@ -621,21 +708,41 @@ class Store:
 
     async def cache_sweep(self, now_ms: int, max_entries: int) -> int:
         """Delete expired entries, then the oldest beyond max_entries."""
-        async with self._transaction() as db:
-            cur = await db.execute("DELETE FROM cache WHERE expires_ms <= ?", (now_ms,))
-            removed = cur.rowcount
-            cur = await db.execute(
-                "DELETE FROM cache WHERE key IN (SELECT key FROM cache "
-                "ORDER BY expires_ms DESC LIMIT -1 OFFSET ?)",
-                (max_entries,),
-            )
-            return removed + cur.rowcount
+        removed = await self._delete_batches(
+            "DELETE FROM cache WHERE key IN "
+            "(SELECT key FROM cache WHERE expires_ms <= ? LIMIT ?)", now_ms,
+        )
+        # Finding the entries past the limit is a scan: done by the reader in its thread.
+        async with self._r.execute(
+            "SELECT key FROM cache ORDER BY expires_ms DESC LIMIT -1 OFFSET ?", (max_entries,)
+        ) as scan:
+            surplus = [str(row[0]) for row in await scan.fetchall()]
+        for start in range(0, len(surplus), SWEEP_BATCH):
+            batch = surplus[start:start + SWEEP_BATCH]
+            async with self._transaction() as db:
+                cur = await db.execute(
+                    f"DELETE FROM cache WHERE key IN ({', '.join('?' * len(batch))})", batch
+                )
+                removed += cur.rowcount
+            await asyncio.sleep(0)
+        return removed
+
+    async def _delete_batches(self, sql: str, bound: int) -> int:
+        """Run `sql` (bound, SWEEP_BATCH) until it deletes less than a batch, yielding between."""
+        removed = 0
+        while True:
+            async with self._transaction() as db:
+                cur = await db.execute(sql, (bound, SWEEP_BATCH))
+                removed += cur.rowcount
+            if cur.rowcount < SWEEP_BATCH:
+                return removed
+            await asyncio.sleep(0)
 
     # -- idempotency ------------------------------------------------------
 
     async def idempotency_get(self, team: str, key: str, since_ms: int) -> tuple[str, str] | None:
         """(body_hash, task_id) of a key used by the team since since_ms."""
-        async with self._r.execute(
+        async with self._p.execute(
             "SELECT body_hash, task_id FROM idempotency "
             "WHERE team = ? AND key = ? AND created_ms >= ?",
             (team, key, since_ms),
@@ -648,9 +755,10 @@ class Store:
             await db.execute("DELETE FROM idempotency WHERE task_id = ?", (task_id,))
 
     async def idempotency_sweep(self, before_ms: int) -> int:
-        async with self._transaction() as db:
-            cur = await db.execute("DELETE FROM idempotency WHERE created_ms < ?", (before_ms,))
-            return cur.rowcount
+        return await self._delete_batches(
+            "DELETE FROM idempotency WHERE rowid IN "
+            "(SELECT rowid FROM idempotency WHERE created_ms < ? LIMIT ?)", before_ms,
+        )
 
     # -- callbacks outbox -------------------------------------------------
 
@@ -714,7 +822,7 @@ def _follow(follower: TaskRecord, leader: TaskRecord) -> TaskRecord:
     )
 
 
-async def _usage(db: aiosqlite.Connection, team: str, since_day: str) -> Usage:
+async def _usage(db: _Connection, team: str, since_day: str) -> Usage:
     async with db.execute(
         "SELECT COALESCE(SUM(spent_micros), 0), COALESCE(SUM(reserved_micros), 0) "
         "FROM usage_daily WHERE team = ? AND day >= ?",
@@ -726,7 +834,7 @@ async def _usage(db: aiosqlite.Connection, team: str, since_day: str) -> Usage:
 
 
 async def _ledger(
-    db: aiosqlite.Connection, task: TaskRecord, kind: str, amount: Micros, images: int, now_ms: int
+    db: _Connection, task: TaskRecord, kind: str, amount: Micros, images: int, now_ms: int
 ) -> None:
     await db.execute(
         "INSERT INTO ledger (ts_ms, team, model, task_id, kind, amount_micros, images, day) "
@@ -736,7 +844,7 @@ async def _ledger(
 
 
 async def _remember_idempotency(
-    db: aiosqlite.Connection, task: TaskRecord, idempotency: tuple[str, str], now_ms: int
+    db: _Connection, task: TaskRecord, idempotency: tuple[str, str], now_ms: int
 ) -> None:
     key, body_hash = idempotency
     # An expired key (older than 24 h) is taken over; a live one is a conflict.
@@ -755,7 +863,7 @@ async def _remember_idempotency(
         raise IdempotencyConflict(str(row[0]), str(row[1]))
 
 
-async def _enqueue_callback(db: aiosqlite.Connection, task: TaskRecord, now_ms: int) -> None:
+async def _enqueue_callback(db: _Connection, task: TaskRecord, now_ms: int) -> None:
     await db.execute(
         "INSERT INTO outbox (task_id, url, next_attempt_ms, updated_ms) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (task_id) DO NOTHING",

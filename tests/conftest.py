@@ -236,9 +236,9 @@ class Client:
             return r.status, await r.json()
 
     async def wait_final(
-        self, task_id: str, timeout: float = 20.0, model: str = "grok-image"
+        self, task_id: str, within: float = 20.0, model: str = "grok-image"
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             code, body = await self.status(task_id, model)
             assert code == 200, body
@@ -246,7 +246,7 @@ class Client:
             if data["state"] in ("success", "failed"):
                 return data
             await asyncio.sleep(0.05)
-        raise AssertionError(f"task {task_id} not final after {timeout}s")
+        raise AssertionError(f"task {task_id} not final after {within}s")
 
     async def balance(self) -> Any:
         async with self.session.get(

@@ -354,7 +354,7 @@ async def test_failed_timed_out_and_refused_tasks_are_refunded(
     # The three in-flight reservations never blocked the budget forever:
     data = await client.wait_final(failed["data"]["taskId"])
     assert data["failCode"] == "SensitiveContent"
-    data = await client.wait_final(slow["data"]["taskId"], timeout=10)
+    data = await client.wait_final(slow["data"]["taskId"], within=10)
     assert data["failCode"] == "Timeout"
     row = await wait_quiet(http, gw.url, "alpha", gw.db)
     assert row["spent_usd"] == 0 and row["remaining_usd"] == 0.3

@@ -167,7 +167,7 @@ async def test_serve_mock_upstream_runs_the_quickstart_offline(
         "aspect_ratio": "3:2"}}
     code, body, _ = await design.submit(quickstart)
     assert code == 200, body
-    data = await design.wait_final(body["data"]["taskId"], timeout=15)
+    data = await design.wait_final(body["data"]["taskId"], within=15)
     assert data["state"] == "success", data
     (image,) = json.loads(data["resultJson"])["resultUrls"]
     async with http.get(image) as r:

@@ -212,7 +212,8 @@ def test_team_variable(dashboard: dict) -> None:
     assert team["multi"] is True and team["includeAll"] is True
     assert team["allValue"] == ".*"
     query = team["query"]["query"] if isinstance(team["query"], dict) else team["query"]
-    match = re.fullmatch(r"label_values\((apixo_gateway_\w+),\s*team\)", query)
+    # Requests without a valid team key carry team="none": not a team to pick.
+    match = re.fullmatch(r'label_values\((apixo_gateway_\w+)\{team!="none"\},\s*team\)', query)
     assert match and "team" in CONTRACT[match.group(1)][1]
     assert [name for name, _ in promql.variable_queries(ROOT)] == ["team"]
 

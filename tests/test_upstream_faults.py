@@ -146,7 +146,7 @@ async def test_task_not_final_by_task_timeout_fails_with_timeout_and_is_refunded
     task_id = body["data"]["taskId"]
     code, reply = await alpha.status(task_id)
     assert reply["data"]["state"] in ("pending", "processing")
-    data = await alpha.wait_final(task_id, timeout=10)
+    data = await alpha.wait_final(task_id, within=10)
     assert data["state"] == "failed"
     assert data["failCode"] == "Timeout"
     assert data["failMsg"]

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -439,7 +438,3 @@ def _log_state(message: str, task: TaskRecord, **extra: object) -> None:
         "event": "task_state", "task_id": task.id, "team": task.team, "model": task.model,
         "state": task.state, "cache": task.cache, **extra,
     })
-
-
-def monotonic_ms() -> int:
-    return int(time.monotonic() * 1000)

@@ -310,9 +310,10 @@ class Gateway:
             await self.budgets.reserve(
                 team, task, idempotency=self._idem(opts), now_ms=created, admit=admit
             )
-        except BaseException:
+        except BaseException as exc:
             if acquired:
                 self.limits.release(team.name)
+            _tag_cache(exc, cache)
             raise
         self.metrics.tasks_in_flight.labels(team.name).set(self.limits.in_flight(team.name))
         try:
@@ -331,6 +332,7 @@ class Gateway:
             # must try again rather than replay a task that never existed upstream.
             if opts.idempotency_key is not None:
                 await self.store.forget_idempotency(task.id)
+            _tag_cache(exc, cache)
             raise
         task = replace(task, state="pending", upstream_id=upstream_id)
         self._views[task.id] = task
@@ -430,6 +432,12 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.tracker.stop()
+
+
+def _tag_cache(exc: BaseException, cache: str) -> None:
+    """A refused submit still says what the cache decided (X-Gateway-Cache on every submit)."""
+    if isinstance(exc, APIError):
+        exc.headers.setdefault("X-Gateway-Cache", cache)
 
 
 def _log_state(message: str, task: TaskRecord, **extra: object) -> None:

@@ -69,7 +69,13 @@ class Tracker:
             return
         loop = asyncio.create_task(self._follow(task), name=f"track-{task.id}")
         self._loops[task.id] = loop
-        loop.add_done_callback(lambda _: self._loops.pop(task.id, None))
+        loop.add_done_callback(lambda done: self._done(task, done))
+
+    def _done(self, task: TaskRecord, loop: asyncio.Task[None]) -> None:
+        self._loops.pop(task.id, None)
+        if not loop.cancelled() and loop.exception() is not None:
+            log.error("tracking stopped by an unexpected error; the task resumes on restart",
+                      exc_info=loop.exception(), extra={"task_id": task.id})
 
     async def stop(self) -> None:
         """Stop polling; tasks stay in the database and resume on next start."""
@@ -98,8 +104,13 @@ class Tracker:
                     await self._settle(task, outcome)
                     return
                 if data.get("state") == "processing" and not processing:
-                    processing = True
-                    await self._on_processing(task)
+                    try:
+                        await self._on_processing(task)
+                        processing = True
+                    except Exception:
+                        # Only the shown state lags; keep polling toward the outcome.
+                        log.exception("recording 'processing' failed",
+                                      extra={"task_id": task.id})
             # Asked once more before giving up, so a task that finished while
             # the gateway was down is settled as it really ended.
             now = time.time()

@@ -22,6 +22,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.receiver import Receiver, serve_receiver
+
 UPSTREAM_KEY = "upstream-test-key"
 ADMIN_TOKEN = "admin-test-token"
 
@@ -46,6 +48,18 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.05)
     raise RuntimeError(f"{url} not up after {timeout}s:\n{log.read_text()}")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it is still running `timeout` seconds later."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class SimulatorProcess:
@@ -74,13 +88,7 @@ class SimulatorProcess:
         _wait_http(self.root + "/_sim/stats", self.proc, self.log)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
 
     async def stats(self) -> dict[str, Any]:
         async with aiohttp.ClientSession() as s, s.get(self.root + "/_sim/stats") as r:
@@ -228,6 +236,12 @@ class Client:
         ) as r:
             return r.status, await r.json(), r.headers
 
+    async def submit_ok(self, body: Any, **kwargs: Any) -> str:
+        """Submit, insist on 200, return the taskId."""
+        code, payload, _ = await self.submit(body, **kwargs)
+        assert code == 200, payload
+        return str(payload["data"]["taskId"])
+
     async def status(self, task_id: str, model: str = "grok-image") -> tuple[int, dict[str, Any]]:
         async with self.session.get(
             f"{self.root}/api/v1/statusTask/{model}", params={"taskId": task_id},
@@ -305,3 +319,10 @@ def gateways(tmp_path: Path, sim: SimulatorProcess) -> Iterator[Any]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver on loopback (tests/receiver.py) for the whole test."""
+    async with serve_receiver() as rec:
+        yield rec

@@ -145,6 +145,26 @@ async def wait_quiet(
         await asyncio.sleep(0.05)
 
 
+async def until(predicate: Any, within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def reload_team(http: aiohttp.ClientSession, gw: Any, field: str, value: Any) -> None:
+    """Set the first team's `field` in config.toml, SIGHUP, wait until /admin/teams shows it."""
+    entry = gw.config["teams"][0]
+    entry[field] = value
+    gw.write_config()
+    gw.hup()
+
+    async def applied() -> bool:
+        return bool((await admin_team(http, gw.url, entry["name"]))[field] == value)
+
+    await until(applied)
+
+
 # -- periods --------------------------------------------------------------------
 
 
@@ -458,33 +478,15 @@ async def test_cache_hit_is_served_to_a_team_out_of_budget(
 # -- SIGHUP and restarts -------------------------------------------------------------
 
 
-async def until(predicate: Any, within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
-
-
 async def test_sighup_lowered_budget_applies_to_next_submit_without_dropping_work(
     gateways: Any, http: aiohttp.ClientSession
 ) -> None:
     gw = gateways(teams=[team("alpha", budget_usd=1.0, budget_period="weekly")])
     client = Client(http, gw.url, "key-alpha")
-    code, body, _ = await client.submit(t2i("long job survives the reload [latency:1.5]"))
-    assert code == 200
-    in_flight = body["data"]["taskId"]
-    code, body, _ = await client.submit(t2i("quick job"))
-    assert code == 200
-    await client.wait_final(body["data"]["taskId"])
+    in_flight = await client.submit_ok(t2i("long job survives the reload [latency:1.5]"))
+    await client.wait_final(await client.submit_ok(t2i("quick job")))
 
-    gw.config["teams"][0]["budget_usd"] = 0.2
-    gw.write_config()
-    gw.hup()
-
-    async def lowered() -> bool:
-        return (await admin_team(http, gw.url, "alpha"))["budget_usd"] == 0.2
-
-    await until(lowered)
+    await reload_team(http, gw, "budget_usd", 0.2)
     code, body, _ = await client.submit(t2i("no longer fits"))
     assert code == 402
     assert "budget $0.20" in body["data"]["error"] and "spent $0.10" in body["data"]["error"]
@@ -492,14 +494,7 @@ async def test_sighup_lowered_budget_applies_to_next_submit_without_dropping_wor
     row = await wait_quiet(http, gw.url, "alpha", gw.db)
     assert row["spent_usd"] == 0.2 and row["remaining_usd"] == 0
     # Raised again: the next submit fits.
-    gw.config["teams"][0]["budget_usd"] = 0.3
-    gw.write_config()
-    gw.hup()
-
-    async def raised() -> bool:
-        return (await admin_team(http, gw.url, "alpha"))["budget_usd"] == 0.3
-
-    await until(raised)
+    await reload_team(http, gw, "budget_usd", 0.3)
     assert (await client.submit(t2i("fits again")))[0] == 200
     check_ledger(gw.db)
 

@@ -79,6 +79,14 @@ def db_query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+async def wait_cache_rows(db: Path, n: int, failure: str, within: float = 5.0) -> None:
+    """Until the cache table holds `n` rows: only the background sweep changes it here."""
+    deadline = time.monotonic() + within
+    while db_query(db, "SELECT COUNT(*) FROM cache") != [(n,)]:
+        assert time.monotonic() < deadline, failure
+        await asyncio.sleep(0.1)
+
+
 def urls(data: dict[str, Any]) -> list[str]:
     result: list[str] = json.loads(data["resultJson"])["resultUrls"]
     return result
@@ -507,29 +515,26 @@ async def test_cache_survives_a_restart(
     client = Client(http, gw.url, "key-alpha")
     first, _ = await accepted(client, t2i("a durable monument"))
     original = await client.wait_final(first)
+
+    async def hit_after_restart() -> dict[tuple[Any, ...], float]:
+        # A new session: pooled connections to the old process are dead.
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, gw.url, "key-alpha")
+            # The in-memory front is empty now; SQLite answers.
+            again, kind = await accepted(client, t2i("a durable monument"))
+            assert kind == "hit"
+            assert (await client.wait_final(again))["resultJson"] == original["resultJson"]
+            assert (await sim.stats())["submits"] == 1
+            return await scrape(session, gw)
+
     assert gw.terminate() == 0
     gw.start()
-
-    # A new session: pooled connections to the old process are dead.
-    async with aiohttp.ClientSession() as session:
-        client = Client(session, gw.url, "key-alpha")
-        # The in-memory front is empty now; SQLite answers.
-        second, kind = await accepted(client, t2i("a durable monument"))
-        assert kind == "hit"
-        assert (await client.wait_final(second))["resultJson"] == original["resultJson"]
-        assert (await sim.stats())["submits"] == 1
-
+    await hit_after_restart()
     # Also after a crash (kill -9), not only after a clean stop.
     gw.kill9()
     gw.start()
-    async with aiohttp.ClientSession() as session:
-        client = Client(session, gw.url, "key-alpha")
-        third, kind = await accepted(client, t2i("a durable monument"))
-        assert kind == "hit"
-        assert (await client.wait_final(third))["resultJson"] == original["resultJson"]
-        assert (await sim.stats())["submits"] == 1
-        # Savings survive in the dashboards' counters too.
-        m = await scrape(session, gw)
+    m = await hit_after_restart()
+    # Savings survive in the dashboards' counters too.
     assert metric(m, "apixo_gateway_saved_usd_total", team="alpha", model="grok-image") == (
         2 * PRICE
     )
@@ -594,10 +599,7 @@ async def test_background_sweep_deletes_expired_rows_without_any_read(
     assert db_query(gw.db, "SELECT COUNT(*) FROM cache") == [(2,)]
 
     # No request touches those keys again; only the background sweep can remove them.
-    deadline = time.monotonic() + 5
-    while db_query(gw.db, "SELECT COUNT(*) FROM cache") != [(0,)]:
-        assert time.monotonic() < deadline, "expired cache rows were never swept"
-        await asyncio.sleep(0.1)
+    await wait_cache_rows(gw.db, 0, "expired cache rows were never swept")
     assert (await sim.stats())["submits"] == 2
 
 
@@ -611,10 +613,7 @@ async def test_background_sweep_keeps_at_most_max_entries(
         task_id, _ = await accepted(client, t2i(prompt))
         await client.wait_final(task_id)
         ids.append(task_id)
-    deadline = time.monotonic() + 5
-    while db_query(gw.db, "SELECT COUNT(*) FROM cache") != [(2,)]:
-        assert time.monotonic() < deadline, "the sweep did not enforce max_entries"
-        await asyncio.sleep(0.1)
+    await wait_cache_rows(gw.db, 2, "the sweep did not enforce max_entries")
     # The oldest entry went first.
     kept = {task_id for (task_id,) in db_query(gw.db, "SELECT task_id FROM cache")}
     assert kept == set(ids[1:])

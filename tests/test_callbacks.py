@@ -12,13 +12,13 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.callbacks import Callbacks, check_callback_url, sign, verify_signature
 from gateway.config import CallbacksConfig
@@ -27,66 +27,12 @@ from gateway.metrics import Metrics
 from gateway.store import Outcome, Store, TaskRecord
 from gateway.tasks import now_ms, status_envelope
 from tests.conftest import Client, GatewayProcess, SimulatorProcess, t2i
+from tests.receiver import Receiver, Reply
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = CallbacksConfig(allow_http=True, allow_private_networks=True)
 SECRET = "whsec-test"
 RESULT = json.dumps({"resultUrls": ["https://files.example/1.png"]})
-
-
-# -- a scripted receiver ------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    delay: float = 0.0
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Hit:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
-
-
-class Receiver:
-    """Records every request; answers from `script`, then 200."""
-
-    def __init__(self) -> None:
-        self.script: list[Reply] = []
-        self.hits: list[Hit] = []
-        self.active = 0
-        self.max_active = 0
-        self.port = 0
-        self._closing = asyncio.Event()
-
-    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        reply = self.script.pop(0) if self.script else Reply()
-        body = await request.read()
-        self.hits.append(Hit(request.path, dict(request.headers), body, reply.status))
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            if reply.delay:
-                try:
-                    await asyncio.wait_for(self._closing.wait(), reply.delay)
-                except TimeoutError:
-                    pass
-            return web.Response(status=reply.status, headers=reply.headers, text="ok")
-        finally:
-            self.active -= 1
-
-    async def wait_hits(self, n: int, within: float = 5.0) -> None:
-        await wait_until(lambda: len(self.hits) >= n, within)
-
-    def close(self) -> None:
-        self._closing.set()
 
 
 # Polling: the state under test is in SQLite, written by another task or process.
@@ -104,21 +50,6 @@ async def wait_for(check: Callable[[], Awaitable[bool]], within: float = 5.0) ->
             if await check():
                 return
             await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/{path:.*}", rec.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    rec.port = runner.addresses[0][1]
-    yield rec
-    rec.close()
-    await runner.cleanup()
 
 
 @pytest.fixture
@@ -398,18 +329,21 @@ asyncio.run(main())
 """
 
 
-async def _spawn_worker(db_path: str, backoff: float) -> asyncio.subprocess.Process:
+@asynccontextmanager
+async def worker_process(db_path: str, backoff: float) -> AsyncIterator[None]:
+    """A delivery worker in its own process, killed with SIGKILL when the block ends:
+    no cleanup, no chance to flush anything."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _WORKER_PROCESS, db_path, SECRET, str(backoff),
         env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
-
-
-async def _kill_9(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.kill()  # SIGKILL: no cleanup, no chance to flush anything
-        await proc.wait()
+    try:
+        yield
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_kill_9_between_attempts_then_restart_delivers_once(
@@ -418,20 +352,14 @@ async def test_kill_9_between_attempts_then_restart_delivers_once(
     receiver.script = [Reply(500), Reply(200)]
     task = await final_task(store, "gw_kill", receiver.url())
 
-    first = await _spawn_worker(db_path, backoff=1.0)
-    try:
+    async with worker_process(db_path, backoff=1.0):
         await receiver.wait_hits(1, within=15)
         await wait_until(lambda: outbox_row(db_path, task.id)[1] == 1)
-    finally:
-        await _kill_9(first)
     assert outbox_row(db_path, task.id)[:2] == ("pending", 1)
 
-    second = await _spawn_worker(db_path, backoff=0.05)
-    try:
+    async with worker_process(db_path, backoff=0.05):
         await wait_for(lambda: delivered(db_path, task.id), within=15)
         await asyncio.sleep(0.3)
-    finally:
-        await _kill_9(second)
     assert [h.status for h in receiver.hits] == [500, 200]
     assert outbox_row(db_path, task.id)[:2] == ("delivered", 2)
     assert all(verify_signature(SECRET, h.headers["X-Gateway-Signature"], h.body)
@@ -444,19 +372,13 @@ async def test_kill_9_during_an_attempt_sends_it_again(
     receiver.script = [Reply(200, delay=30), Reply(200)]
     task = await final_task(store, "gw_kill_mid", receiver.url())
 
-    first = await _spawn_worker(db_path, backoff=0.05)
-    try:
+    async with worker_process(db_path, backoff=0.05):
         await receiver.wait_hits(1, within=15)
-    finally:
-        await _kill_9(first)
     # The answer never reached the gateway: the attempt was not recorded.
     assert outbox_row(db_path, task.id)[:2] == ("pending", 0)
 
-    second = await _spawn_worker(db_path, backoff=0.05)
-    try:
+    async with worker_process(db_path, backoff=0.05):
         await wait_for(lambda: delivered(db_path, task.id), within=15)
-    finally:
-        await _kill_9(second)
     assert len(receiver.hits) == 2
     assert receiver.hits[0].body == receiver.hits[1].body
 

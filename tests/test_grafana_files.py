@@ -16,43 +16,20 @@ from pathlib import Path
 
 import pytest
 
-try:  # tests/ as a package (python -m pytest, or with tests/__init__.py)
-    from tests import promql
-except ImportError:  # pytest's default rootdir-less import of a plain tests/ directory
-    import promql  # type: ignore[no-redef]
+from tests import promql
+from tests.contract import EXTRA_GAUGES, SPEC_LABEL_VALUES, SPEC_METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
 
 # SPEC section 4, plus the two gauges the gateway exports for "in-flight vs limits".
-CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
-    "apixo_gateway_requests_total": ("counter", frozenset({"endpoint", "model", "team", "code"})),
-    "apixo_gateway_request_duration_seconds": ("histogram", frozenset({"endpoint"})),
-    "apixo_gateway_spend_usd_total": ("counter", frozenset({"team", "model"})),
-    "apixo_gateway_saved_usd_total": ("counter", frozenset({"team", "model"})),
-    "apixo_gateway_images_total": ("counter", frozenset({"team", "model"})),
-    "apixo_gateway_budget_usd": ("gauge", frozenset({"team"})),
-    "apixo_gateway_budget_remaining_usd": ("gauge", frozenset({"team"})),
-    "apixo_gateway_cache_lookups_total": ("counter", frozenset({"model", "result"})),
-    "apixo_gateway_tasks_in_flight": ("gauge", frozenset({"team"})),
-    "apixo_gateway_task_duration_seconds": ("histogram", frozenset({"model", "state"})),
-    "apixo_gateway_task_failures_total": ("counter", frozenset({"team", "model", "fail_code"})),
-    "apixo_gateway_rejections_total": ("counter", frozenset({"team", "reason"})),
-    "apixo_gateway_upstream_requests_total": ("counter", frozenset({"operation", "code"})),
-    "apixo_gateway_upstream_duration_seconds": ("histogram", frozenset({"operation"})),
-    "apixo_gateway_callback_deliveries_total": ("counter", frozenset({"outcome"})),
-    "apixo_gateway_team_max_concurrent": ("gauge", frozenset({"team"})),
-    "apixo_gateway_upstream_max_concurrent": ("gauge", frozenset()),
-}
+CONTRACT: dict[str, tuple[str, frozenset[str]]] = {**SPEC_METRICS, **EXTRA_GAUGES}
+# The endpoint label's values are the gateway's own (SPEC 4 leaves that set open).
 LABEL_VALUES: dict[str, frozenset[str]] = {
     "endpoint": frozenset(
         {"generateTask", "statusTask", "current-balance", "admin", "metrics", "health"}
     ),
-    "result": frozenset({"hit", "miss", "joined", "bypass"}),
-    "state": frozenset({"success", "failed"}),
-    "reason": frozenset({"unauthorized", "invalid", "budget", "concurrency", "rate_limit", "busy"}),
-    "operation": frozenset({"submit", "status"}),
-    "outcome": frozenset({"delivered", "retried", "gave_up"}),
+    **SPEC_LABEL_VALUES,
 }
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})

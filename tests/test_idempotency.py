@@ -64,9 +64,7 @@ async def test_same_key_different_body_is_409_and_creates_nothing(
     gw = gateways()
     client = Client(http, gw.url, "key-alpha")
     key = {"Idempotency-Key": "order-2"}
-    code, body, _ = await client.submit(t2i("the first body"), headers=key)
-    assert code == 200
-    first = body["data"]["taskId"]
+    first = await client.submit_ok(t2i("the first body"), headers=key)
 
     for other in (
         t2i("a different body"),
@@ -91,13 +89,9 @@ async def test_keys_belong_to_one_team(
     alpha = Client(http, gw.url, "key-alpha")
     beta = Client(http, gw.url, "key-beta")
     key = {"Idempotency-Key": "shared-name"}
-    code, body, _ = await alpha.submit(t2i("alpha's picture"), headers=key)
-    assert code == 200
-    alpha_task = body["data"]["taskId"]
+    alpha_task = await alpha.submit_ok(t2i("alpha's picture"), headers=key)
     # Another team using the same key string is a different key: its own task, no 409.
-    code, body, _ = await beta.submit(t2i("beta's picture"), headers=key)
-    assert code == 200
-    beta_task = body["data"]["taskId"]
+    beta_task = await beta.submit_ok(t2i("beta's picture"), headers=key)
     assert beta_task != alpha_task
     code, _ = await beta.status(alpha_task)
     assert code == 404  # and it never sees alpha's task
@@ -130,17 +124,14 @@ async def test_key_survives_a_restart(
     gw = gateways()
     client = Client(http, gw.url, "key-alpha")
     key = {"Idempotency-Key": "durable"}
-    code, body, _ = await client.submit(t2i("a durable request"), headers=key)
-    assert code == 200
-    first = body["data"]["taskId"]
+    first = await client.submit_ok(t2i("a durable request"), headers=key)
     await client.wait_final(first)
     gw.kill9()
     gw.start()
     async with aiohttp.ClientSession() as session:
         client = Client(session, gw.url, "key-alpha")
-        code, body, _ = await client.submit(t2i("a durable request"), headers=key)
-        assert code == 200 and body["data"]["taskId"] == first
-        code, body, _ = await client.submit(t2i("another request"), headers=key)
+        assert await client.submit_ok(t2i("a durable request"), headers=key) == first
+        code, _, _ = await client.submit(t2i("another request"), headers=key)
         assert code == 409
         assert await task_ids(client) == [first]
     assert (await sim.stats())["submits"] == 1
@@ -152,23 +143,18 @@ async def test_key_is_free_again_after_24_hours(
     gw = gateways()
     client = Client(http, gw.url, "key-alpha")
     key = {"Idempotency-Key": "daily-report"}
-    code, body, _ = await client.submit(t2i("monday's report"), headers=key)
-    assert code == 200
-    monday = body["data"]["taskId"]
+    monday = await client.submit_ok(t2i("monday's report"), headers=key)
     await client.wait_final(monday)
 
     age_keys(gw.db, DAY_MS - 60_000)  # 23 h 59 min later: still the same key
-    code, body, _ = await client.submit(t2i("tuesday's report"), headers=key)
+    code, _, _ = await client.submit(t2i("tuesday's report"), headers=key)
     assert code == 409
 
     age_keys(gw.db, 120_000)  # now past 24 h
-    code, body, _ = await client.submit(t2i("tuesday's report"), headers=key)
-    assert code == 200, body
-    tuesday = body["data"]["taskId"]
+    tuesday = await client.submit_ok(t2i("tuesday's report"), headers=key)
     assert tuesday != monday
     # The key now stands for the new request.
-    code, body, _ = await client.submit(t2i("tuesday's report"), headers=key)
-    assert code == 200 and body["data"]["taskId"] == tuesday
+    assert await client.submit_ok(t2i("tuesday's report"), headers=key) == tuesday
     await client.wait_final(tuesday)
     assert (await sim.stats())["submits"] == 2
 
@@ -178,9 +164,7 @@ async def test_key_on_a_cache_hit_replays_the_hit(
 ) -> None:
     gw = gateways()
     client = Client(http, gw.url, "key-alpha")
-    code, body, _ = await client.submit(t2i("an often asked picture"))
-    assert code == 200
-    await client.wait_final(body["data"]["taskId"])
+    await client.wait_final(await client.submit_ok(t2i("an often asked picture")))
 
     key = {"Idempotency-Key": "hit-1"}
     code, body, headers = await client.submit(t2i("an often asked picture"), headers=key)
@@ -207,12 +191,9 @@ async def test_upstream_refusal_lets_the_same_key_try_again(
     await sim.faults(reject_submits_with=None)
 
     # The client was told it failed, so a retry with the key must really run.
-    code, body, _ = await client.submit(t2i("a picture upstream refuses"), headers=key)
-    assert code == 200, body
-    task_id = body["data"]["taskId"]
+    task_id = await client.submit_ok(t2i("a picture upstream refuses"), headers=key)
     assert (await client.wait_final(task_id))["state"] == "success"
-    code, body, _ = await client.submit(t2i("a picture upstream refuses"), headers=key)
-    assert code == 200 and body["data"]["taskId"] == task_id
+    assert await client.submit_ok(t2i("a picture upstream refuses"), headers=key) == task_id
 
 
 async def test_invalid_keys_are_refused(

@@ -6,18 +6,14 @@ the functions decide is what the gateway does, byte formatting included.
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
-from aiohttp import web
 
 from gateway.cache import cache_key, canonical_json, request_identity
 from gateway.validation import validate_submit
-from tests.conftest import Client, SimulatorProcess, free_port, t2i
+from tests.conftest import Client, SimulatorProcess, t2i
+from tests.receiver import Receiver
 
 
 def identity_of(body: dict[str, Any], model: str = "grok-image") -> str:
@@ -112,24 +108,34 @@ async def test_json_formatting_and_key_order_do_not_matter(
     assert (await sim.stats())["submits"] == 1
 
 
+async def hit_then_miss(
+    client: Client, sim: SimulatorProcess, first: Any, same: Any, different: Any
+) -> list[dict[str, Any]]:
+    """Run `first` to the end; then `same` must be a cache hit and `different` a miss.
+    Returns the two tasks upstream got."""
+    await client.wait_final(await client.submit_ok(first))
+    code, _, headers = await client.submit(same)
+    assert code == 200 and headers["X-Gateway-Cache"] == "hit"
+    code, body, headers = await client.submit(different)
+    assert code == 200 and headers["X-Gateway-Cache"] == "miss"
+    await client.wait_final(body["data"]["taskId"])
+    stats = await sim.stats()
+    assert stats["submits"] == 2
+    return list(stats["tasks"].values())
+
+
 async def test_explicit_default_aspect_ratio_equals_omitted(
     gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
 ) -> None:
     gw = gateways()
     client = Client(http, gw.url, "key-alpha")
-    code, body, _ = await client.submit(t2i("a square garden"))
-    assert code == 200
-    await client.wait_final(body["data"]["taskId"])
-
-    code, body, headers = await client.submit(t2i("a square garden", aspect_ratio="1:1"))
-    assert code == 200 and headers["X-Gateway-Cache"] == "hit"
-    code, body, headers = await client.submit(t2i("a square garden", aspect_ratio="3:2"))
-    assert code == 200 and headers["X-Gateway-Cache"] == "miss"
-    await client.wait_final(body["data"]["taskId"])
-    stats = await sim.stats()
-    assert stats["submits"] == 2
+    upstream = await hit_then_miss(
+        client, sim, t2i("a square garden"),
+        same=t2i("a square garden", aspect_ratio="1:1"),
+        different=t2i("a square garden", aspect_ratio="3:2"),
+    )
     # Upstream got the defaults filled in, so what was cached is what was asked.
-    assert sorted(t["input"]["aspect_ratio"] for t in stats["tasks"].values()) == ["1:1", "3:2"]
+    assert sorted(t["input"]["aspect_ratio"] for t in upstream) == ["1:1", "3:2"]
 
 
 async def test_provider_auto_equals_omitted_but_official_differs(
@@ -137,65 +143,22 @@ async def test_provider_auto_equals_omitted_but_official_differs(
 ) -> None:
     gw = gateways()
     client = Client(http, gw.url, "key-alpha")
-    code, body, _ = await client.submit(t2i("a provider test"))
-    assert code == 200
-    await client.wait_final(body["data"]["taskId"])
-
-    code, _, headers = await client.submit({**t2i("a provider test"), "provider": "auto"})
-    assert code == 200 and headers["X-Gateway-Cache"] == "hit"
-    code, body, headers = await client.submit({**t2i("a provider test"), "provider": "official"})
-    assert code == 200 and headers["X-Gateway-Cache"] == "miss"
-    await client.wait_final(body["data"]["taskId"])
-    stats = await sim.stats()
-    assert stats["submits"] == 2
-    assert sorted(t["provider"] for t in stats["tasks"].values()) == ["auto", "official"]
-
-
-class Hooks:
-    """A webhook receiver on loopback that records every delivery."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.deliveries: list[tuple[str, dict[str, Any]]] = []
-        self.arrived = asyncio.Event()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.deliveries.append((request.path, json.loads(await request.read())))
-        self.arrived.set()
-        return web.Response(text="ok")
-
-    async def wait_for(self, n: int) -> None:
-        async with asyncio.timeout(10):
-            while len(self.deliveries) < n:
-                self.arrived.clear()
-                await self.arrived.wait()
-
-
-@pytest.fixture
-async def hooks() -> AsyncIterator[Hooks]:
-    receiver = Hooks()
-    app = web.Application()
-    app.router.add_post("/{path:.*}", receiver.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", receiver.port).start()
-    yield receiver
-    await runner.cleanup()
+    upstream = await hit_then_miss(
+        client, sim, t2i("a provider test"),
+        same={**t2i("a provider test"), "provider": "auto"},
+        different={**t2i("a provider test"), "provider": "official"},
+    )
+    assert sorted(t["provider"] for t in upstream) == ["auto", "official"]
 
 
 async def test_request_type_and_callback_url_do_not_change_identity(
-    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess, hooks: Hooks
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess, receiver: Receiver
 ) -> None:
     gw = gateways()
     client = Client(http, gw.url, "key-alpha")
-    code, body, _ = await client.submit(
-        {**t2i("a callback fox"), "request_type": "callback", "callback_url": hooks.url("/a")}
+    first = await client.submit_ok(
+        {**t2i("a callback fox"), "request_type": "callback", "callback_url": receiver.url("/a")}
     )
-    assert code == 200
-    first = body["data"]["taskId"]
     original = await client.wait_final(first)
 
     # Async mode, no callback_url: the same identity.
@@ -203,14 +166,14 @@ async def test_request_type_and_callback_url_do_not_change_identity(
     assert code == 200 and headers["X-Gateway-Cache"] == "hit"
     # Callback mode to another URL: still the same identity, and the hit is delivered at once.
     code, body, headers = await client.submit(
-        {**t2i("a callback fox"), "request_type": "callback", "callback_url": hooks.url("/b")}
+        {**t2i("a callback fox"), "request_type": "callback", "callback_url": receiver.url("/b")}
     )
     assert code == 200 and headers["X-Gateway-Cache"] == "hit"
     hit = body["data"]["taskId"]
     assert (await sim.stats())["submits"] == 1
 
-    await hooks.wait_for(2)
-    by_path = {path: envelope["data"] for path, envelope in hooks.deliveries}
+    await receiver.wait_hits(2, within=10)
+    by_path = {h.path: h.json()["data"] for h in receiver.hits}
     assert by_path["/a"]["taskId"] == first
     assert by_path["/b"]["taskId"] == hit
     assert by_path["/b"]["state"] == "success"

@@ -18,7 +18,7 @@ from gateway.config import TeamConfig
 from gateway.errors import APIError
 from gateway.limits import Limits
 from tests.conftest import Client, t2i, team
-from tests.test_budget import admin_team, check_ledger, metric_samples, until, wait_quiet
+from tests.test_budget import admin_team, check_ledger, metric_samples, reload_team, wait_quiet
 
 
 def _team(name: str, **limits: Any) -> TeamConfig:
@@ -188,19 +188,8 @@ async def test_sighup_lowers_limits_and_a_restart_restores_leases(
 ) -> None:
     gw = gateways(teams=[team("alpha", max_concurrent=3)])
     client = Client(http, gw.url, "key-alpha")
-    tasks = []
-    for i in range(2):
-        code, body, _ = await client.submit(t2i(f"long {i} [latency:2.5]"))
-        assert code == 200
-        tasks.append(body["data"]["taskId"])
-    gw.config["teams"][0]["max_concurrent"] = 2
-    gw.write_config()
-    gw.hup()
-
-    async def lowered() -> bool:
-        return (await admin_team(http, gw.url, "alpha"))["max_concurrent"] == 2
-
-    await until(lowered)
+    tasks = [await client.submit_ok(t2i(f"long {i} [latency:2.5]")) for i in range(2)]
+    await reload_team(http, gw, "max_concurrent", 2)
     assert (await client.submit(t2i("over the lowered limit")))[0] == 429
     # The leases are the tasks themselves: a crash does not hand out free slots.
     gw.kill9()

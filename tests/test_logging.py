@@ -10,17 +10,7 @@ from typing import Any
 
 import aiohttp
 
-try:  # tests/ as a package (python -m pytest, or with tests/__init__.py)
-    from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY, Client, GatewayProcess, t2i, team
-except ImportError:  # pytest's rootdir-less import of a plain tests/ directory
-    from conftest import (  # type: ignore[no-redef]
-        ADMIN_TOKEN,
-        UPSTREAM_KEY,
-        Client,
-        GatewayProcess,
-        t2i,
-        team,
-    )
+from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY, Client, GatewayProcess, t2i, team
 
 PROMPT = "a lighthouse keeper's secret diary, page 7f3e"
 REQUEST_FIELDS = {"request_id", "team", "model", "endpoint", "status", "duration_ms"}

@@ -1,7 +1,7 @@
 """The metrics contract (SPEC section 4) against a real gateway's /metrics after real traffic.
 
-The table below is the contract: every metric exists with exactly these types and
-label names. `drive_mixed_traffic` produces every kind of event a series exists for
+The contract is the table in tests/contract.py: every metric exists with exactly those
+types and label names. `drive_mixed_traffic` produces every kind of event a series exists for
 (counters appear only after their first use); tests/test_prometheus_live.py reuses it.
 """
 
@@ -9,59 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import MAX_FAIL_CODES, Metrics
-
-try:  # tests/ as a package (python -m pytest, or with tests/__init__.py)
-    from tests.conftest import Client, GatewayProcess, SimulatorProcess, t2i, team
-except ImportError:  # pytest's rootdir-less import of a plain tests/ directory
-    from conftest import (  # type: ignore[no-redef]
-        Client,
-        GatewayProcess,
-        SimulatorProcess,
-        t2i,
-        team,
-    )
+from tests.conftest import Client, GatewayProcess, SimulatorProcess, t2i, team
+from tests.contract import SPEC_LABEL_VALUES, SPEC_METRICS
+from tests.receiver import serve_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# SPEC section 4, word for word: name -> (type, label names).
-SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
-    "apixo_gateway_requests_total": ("counter", frozenset({"endpoint", "model", "team", "code"})),
-    "apixo_gateway_request_duration_seconds": ("histogram", frozenset({"endpoint"})),
-    "apixo_gateway_spend_usd_total": ("counter", frozenset({"team", "model"})),
-    "apixo_gateway_saved_usd_total": ("counter", frozenset({"team", "model"})),
-    "apixo_gateway_images_total": ("counter", frozenset({"team", "model"})),
-    "apixo_gateway_budget_usd": ("gauge", frozenset({"team"})),
-    "apixo_gateway_budget_remaining_usd": ("gauge", frozenset({"team"})),
-    "apixo_gateway_cache_lookups_total": ("counter", frozenset({"model", "result"})),
-    "apixo_gateway_tasks_in_flight": ("gauge", frozenset({"team"})),
-    "apixo_gateway_task_duration_seconds": ("histogram", frozenset({"model", "state"})),
-    "apixo_gateway_task_failures_total": ("counter", frozenset({"team", "model", "fail_code"})),
-    "apixo_gateway_rejections_total": ("counter", frozenset({"team", "reason"})),
-    "apixo_gateway_upstream_requests_total": ("counter", frozenset({"operation", "code"})),
-    "apixo_gateway_upstream_duration_seconds": ("histogram", frozenset({"operation"})),
-    "apixo_gateway_callback_deliveries_total": ("counter", frozenset({"outcome"})),
-}
-# The closed sets the SPEC names for some labels.
-SPEC_VALUES: dict[str, frozenset[str]] = {
-    "result": frozenset({"hit", "miss", "joined", "bypass"}),
-    "state": frozenset({"success", "failed"}),
-    "reason": frozenset(
-        {"unauthorized", "invalid", "budget", "concurrency", "rate_limit", "busy"}
-    ),
-    "operation": frozenset({"submit", "status"}),
-    "outcome": frozenset({"delivered", "retried", "gave_up"}),
-}
 
 # Teams for mixed traffic: one kind of refusal each, so every rejection reason shows up.
 MIXED_TEAMS = [
@@ -76,39 +36,6 @@ SLOW = "[latency:5]"  # still in flight when the traffic is over
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-class Receiver:
-    """A webhook receiver on loopback that answers 200 and remembers what it got."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        self.got = asyncio.Event()
-        self.port = 0
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.bodies.append(await request.read())
-        self.got.set()
-        return web.Response(text="ok")
-
-
-@asynccontextmanager
-async def webhook_receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", receiver.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    receiver.port = runner.addresses[0][1]
-    try:
-        yield receiver
-    finally:
-        await runner.cleanup()
 
 
 async def scrape(http: aiohttp.ClientSession, gw: GatewayProcess) -> str:
@@ -157,7 +84,7 @@ async def drive_mixed_traffic(
     and three slow tasks left in flight.
     """
     alpha = Client(http, gw.url, "key-alpha")
-    async with webhook_receiver() as receiver:
+    async with serve_receiver() as receiver:
         # A miss and an identical request joining it while it is in flight.
         leader = await expect(alpha, t2i("mixed: a red fox"), 200, cache="miss")
         joined = await expect(alpha, t2i("mixed: a red fox"), 200, cache="joined")
@@ -186,7 +113,7 @@ async def drive_mixed_traffic(
         callback_task = await expect(alpha, callback, 200)
         assert callback_task is not None
         await alpha.wait_final(callback_task)
-        await asyncio.wait_for(receiver.got.wait(), 10)
+        await receiver.wait_hits(1, within=10)
         assert await alpha.balance() is not None
 
     # Rejections, one reason at a time.
@@ -245,7 +172,7 @@ async def test_every_spec_metric_has_its_type_and_labels(
                 problems.append(f"{name}: sample {s.name} has labels {sorted(seen)}, "
                                 f"SPEC says {sorted(labels)}")
                 break
-        for label, allowed in SPEC_VALUES.items():
+        for label, allowed in SPEC_LABEL_VALUES.items():
             if label in labels:
                 extra = {s.labels[label] for s in value_samples} - allowed
                 if extra:
@@ -260,12 +187,12 @@ async def test_every_spec_metric_has_its_type_and_labels(
     rejections = {
         labels["reason"] for n, labels, _ in samples(text) if n == "apixo_gateway_rejections_total"
     }
-    assert rejections == SPEC_VALUES["reason"]
+    assert rejections == SPEC_LABEL_VALUES["reason"]
     lookups = {
         labels["result"] for n, labels, _ in samples(text)
         if n == "apixo_gateway_cache_lookups_total"
     }
-    assert lookups == SPEC_VALUES["result"]
+    assert lookups == SPEC_LABEL_VALUES["result"]
     assert value(text, "apixo_gateway_rejections_total", team="none", reason="unauthorized") == 1
     assert value(text, "apixo_gateway_callback_deliveries_total", outcome="delivered") == 1
     codes = {

@@ -21,17 +21,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-try:  # tests/ as a package (python -m pytest, or with tests/__init__.py)
-    from tests import promql
-    from tests.conftest import SimulatorProcess, free_port
-    from tests.test_metrics_contract import drive_mixed_traffic, mixed_gateway
-except ImportError:  # pytest's rootdir-less import of a plain tests/ directory
-    import promql  # type: ignore[no-redef]
-    from conftest import SimulatorProcess, free_port  # type: ignore[no-redef]
-    from test_metrics_contract import (  # type: ignore[no-redef]
-        drive_mixed_traffic,
-        mixed_gateway,
-    )
+from tests import promql
+from tests.conftest import SimulatorProcess, free_port, stop_process
+from tests.test_metrics_contract import drive_mixed_traffic, mixed_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = "apixo-gateway"
@@ -67,14 +59,7 @@ class PrometheusProcess:
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 15)
 
     def exited(self) -> str | None:
         if self.proc is not None and self.proc.poll() is not None:

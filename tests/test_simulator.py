@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from gateway.simulator import create_simulator_app
+from tests.receiver import serve_receiver
 
 KEY = "sim-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -276,26 +277,16 @@ async def test_latency_fault_applies_to_new_tasks(sim: Sim) -> None:
 
 
 async def test_callback_delivery(sim: Sim) -> None:
-    received: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def hook(request: web.Request) -> web.Response:
-        await received.put(await request.json())
-        return web.Response()
-
-    receiver = web.Application()
-    receiver.router.add_post("/hook", hook)
-    runner, base = await start(receiver)
-    try:
-        hook_url = f"{base}/hook"
-        body = {**grok("[latency:0.05]"), "request_type": "callback", "callback_url": hook_url}
+    async with serve_receiver() as receiver:
+        body = {**grok("[latency:0.05]"), "request_type": "callback",
+                "callback_url": receiver.url()}
         code, resp = await sim.submit(body)
         assert code == 200
-        delivered = await asyncio.wait_for(received.get(), 5)
+        await receiver.wait_hits(1)
+        delivered = receiver.hits[0].json()
         assert delivered["code"] == 200
         assert delivered["data"]["taskId"] == resp["data"]["taskId"]
         assert delivered["data"]["state"] == "success"
-    finally:
-        await runner.cleanup()
 
     code, body = await sim.submit({**grok(), "request_type": "callback"})
     assert code == 400 and "callback_url" in body["data"]["error"]

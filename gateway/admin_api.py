@@ -28,7 +28,8 @@ def _authorize(request: web.Request) -> None:
     header = request.headers.get("Authorization", "")
     given = header[7:].strip() if header[:7].lower() == "bearer " else ""
     if not hmac.compare_digest(
-        hashlib.sha256(given.encode()).digest(), hashlib.sha256(token.encode()).digest()
+        hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest(),
+        hashlib.sha256(token.encode()).digest(),
     ):
         raise APIError(401, "Admin endpoints need 'Authorization: Bearer <admin token>'",
                        message="Invalid or missing admin token")

@@ -55,9 +55,18 @@ async def _json_body(request: web.Request) -> Any:
             reason="invalid",
         )
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise invalid("Request body is not valid JSON: nested too deeply") from None
+    # JSON escapes can spell lone UTF-16 surrogates ("\ud800"), which no
+    # UTF-8 store or upstream accepts: refuse them here, not with a 500 later.
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid("Request body contains invalid Unicode (an unpaired surrogate)") from None
+    return body
 
 
 def _cache_control(request: web.Request) -> tuple[bool, bool]:
@@ -74,8 +83,14 @@ def _idempotency_key(request: web.Request) -> str | None:
     if key is None:
         return None
     key = key.strip()
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-        raise invalid(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable():
+        raise invalid(
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} printable characters"
+        )
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid("Idempotency-Key must be valid UTF-8") from None
     return key
 
 

@@ -98,6 +98,11 @@ class Tracker:
                 # 429, 5xx, timeouts: the task is not failed, only unknown for now.
                 log.warning("upstream status unavailable, will ask again",
                             extra={"task_id": task.id, "error": str(exc)})
+            except Exception:
+                # Anything else (an undecodable answer, a bug) must not end the
+                # loop: the timeout below lives here, and so does the lease.
+                log.exception("polling upstream failed, will ask again",
+                              extra={"task_id": task.id})
             else:
                 outcome = outcome_from_status(data, int(time.time() * 1000))
                 if outcome is not None:

@@ -258,6 +258,9 @@ async def test_identical_requests_share_an_upstream_refusal(
     elapsed = time.monotonic() - started
     assert [code for code, _, _ in results] == [502] * 10, [b for _, b, _ in results]
     assert len({body["data"]["error"] for _, body, _ in results}) == 1
+    # Every refused submit still says what the cache decided.
+    kinds = sorted(hdrs.get("X-Gateway-Cache", "") for _, _, hdrs in results)
+    assert kinds == ["joined"] * 9 + ["miss"]
     stats = await sim.stats()
     assert stats["submit_attempts"] == 2  # one request, retried once
     assert elapsed < 5

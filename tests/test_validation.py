@@ -242,3 +242,52 @@ async def test_other_priced_models_get_generic_checks_only(
         ):
             code, reply, _ = await client.submit(bad, model="nano-banana")
             assert_envelope(code, reply, 400, *needles)
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b"[" * 60000, "nested"),  # under max_body_bytes, but json.loads recurses
+        (b'{"input": {"mode": "text-to-image", "prompt": "bad \\ud800"}}', "surrogate"),
+        (b"\xff\xfe{}", "JSON"),
+    ],
+    ids=["deeply-nested", "lone-surrogate", "not-utf8"],
+)
+async def test_hostile_bodies_are_400_not_500(
+    sim: SimulatorProcess, client: Client, raw: bytes, needle: str
+) -> None:
+    async with nothing_upstream(sim):
+        code, body, _ = await client.submit(
+            None, raw=raw, headers={"Content-Type": "application/json"}
+        )
+    assert_envelope(code, body, 400, needle)
+
+
+async def test_non_utf8_headers_are_client_errors(
+    stack: tuple[SimulatorProcess, str], sim: SimulatorProcess
+) -> None:
+    """Header bytes that are not UTF-8: an unknown key is 401, a bad Idempotency-Key 400."""
+    import asyncio
+
+    async def raw_request(headers: bytes) -> tuple[int, dict[str, Any]]:
+        port = int(stack[1].rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = json.dumps(t2i("headers")).encode()
+        writer.write(
+            b"POST /api/v1/generateTask/grok-image HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n" + headers
+            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        await writer.drain()
+        response = await reader.read()
+        writer.close()
+        head, _, payload = response.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(payload)
+
+    async with nothing_upstream(sim):
+        code, body = await raw_request(b"Authorization: Bearer \xff\xfe\r\n")
+        assert_envelope(code, body, 401)
+        code, body = await raw_request(
+            b"Authorization: Bearer key-alpha\r\nIdempotency-Key: caf\xe9\xff\r\n"
+        )
+        assert_envelope(code, body, 400, "Idempotency-Key")

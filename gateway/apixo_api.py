@@ -104,13 +104,15 @@ async def generate_task(request: web.Request) -> web.Response:
     if isinstance(prompt, str):
         request["prompt"] = prompt  # logged only with [logging] log_prompts = true
     no_cache, no_store = _cache_control(request)
+    idempotency_key = _idempotency_key(request)
     opts = SubmitOptions(
         # The model is part of what was asked: the same body sent to another
         # model under the same Idempotency-Key is a different request (409).
+        # Only compared under an Idempotency-Key, so only computed then.
         body_hash=hashlib.sha256(
             canonical_json({"model": model, "body": body}).encode()
-        ).hexdigest(),
-        idempotency_key=_idempotency_key(request),
+        ).hexdigest() if idempotency_key is not None else "",
+        idempotency_key=idempotency_key,
         no_cache=no_cache,
         no_store=no_store,
     )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -33,6 +34,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # log line of the request, so it must not be able to forge or bloat them.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
+# Generated ids: 32 hex digits like a uuid4's, from a per-process random prefix
+# and a counter, without an os.urandom call on every request.
+_ID_PREFIX = secrets.token_hex(8)
+_id_counter = itertools.count()
+
 
 def _endpoint(request: web.Request) -> str:
     info = request.match_info.route.resource
@@ -57,8 +63,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn errors into APIXO envelopes; count, time and log every request once."""
     started = time.perf_counter()
     request_id = request.headers.get("X-Request-Id", "").strip()
-    if not _REQUEST_ID.fullmatch(request_id):
-        request_id = uuid.uuid4().hex
+    if not request_id or not _REQUEST_ID.fullmatch(request_id):
+        request_id = f"{_ID_PREFIX}{next(_id_counter):016x}"
     request["request_id"] = request_id
     metrics = request.app[METRICS]
     try:
@@ -87,10 +93,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     endpoint = _endpoint(request)
     team = request.get("team", "none")
     model = request.get("model", "none")
-    metrics.requests.labels(endpoint, model, team, str(response.status)).inc()
-    metrics.request_duration.labels(endpoint).observe(elapsed)
+    metrics.observe_request(endpoint, model, team, response.status, elapsed)
     # Scrapes are not logged: one line every few seconds would drown the requests.
-    if endpoint != "metrics":
+    if endpoint != "metrics" and log.isEnabledFor(logging.INFO):
         fields = {
             "event": "request", "request_id": request_id, "method": request.method,
             "path": request.path, "endpoint": endpoint, "team": team, "model": model,
@@ -101,6 +106,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Prompts can be personal or confidential: logged only when the operator opts in.
         if request.app[CONFIG].logging.log_prompts:
             fields["prompt"] = request.get("prompt")
+        # Formatted and written after the response has gone (DeferredStreamHandler).
         log.info("request", extra=fields)
     return response
 
@@ -131,6 +137,9 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.open()
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max(100, config.upstream.max_concurrent * 2)),
+        # Neither APIXO nor webhook receivers get cookies; filtering the jar on
+        # every upstream call was pure cost.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     upstream = Upstream(
         session,

@@ -13,10 +13,13 @@ from cachetools import LRUCache
 from gateway.errors import APIError
 from gateway.store import CacheEntry, Store
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
 
 def canonical_json(value: Any) -> str:
     """Key order and formatting never change a request's identity."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _canonical(value)
 
 
 def request_identity(model: str, input_: dict[str, Any], provider: str) -> str:

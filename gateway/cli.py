@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -74,6 +75,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGHUP, reload)
 
     async def on_ready(app: web.Application) -> None:
+        # Everything loaded so far (modules, config, the app) lives as long as
+        # the process: out of the collector's sight, a full collection scans
+        # only what requests created, and no longer pauses the loop for 40 ms.
+        gc.freeze()
         log.info("apixo-gateway listening", extra={
             "url": f"http://{host}:{port}/api/v1", "config": config.source,
             "mock_upstream": args.mock_upstream, "teams": len(config.teams),

@@ -110,7 +110,8 @@ class Gateway:
         if not token:
             raise APIError(401, "Missing API key: send 'Authorization: Bearer <team key>'",
                            reason="unauthorized")
-        digest = hashlib.sha256(token.encode()).digest()
+        # surrogateescape: a header that is not UTF-8 is just an unknown key (401), not a 500.
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         # Compare against every key in constant time so timing reveals nothing.
         found: str | None = None
         for known, team in self._keys.items():
@@ -214,7 +215,8 @@ class Gateway:
                 ready = await asyncio.shield(flight.ready)
                 if isinstance(ready, APIError):  # upstream refused this very request
                     raise APIError(ready.code, ready.error, message=ready.message,
-                                   headers=ready.headers, extra=ready.extra)
+                                   headers={**ready.headers, "X-Gateway-Cache": "joined"},
+                                   reason=ready.reason, extra=ready.extra)
                 if ready is not None:
                     return await self._join(team, sub, opts, identity, ready)
                 continue  # the leader stopped before upstream: decide again
@@ -236,16 +238,21 @@ class Gateway:
 
     def _new_task(
         self, team: TeamConfig, sub: Submission, opts: SubmitOptions, identity: str, cache: str,
-        created: int,
+        created: int, *, state: str = "submitting", leader_id: str | None = None,
+        result_json: str | None = None, images: int = 0, complete_ms: int | None = None,
+        reserve: bool = False,
     ) -> TaskRecord:
+        # Built once with its final fields: dataclasses.replace() costs more than
+        # the constructor, and it used to run two or three times per submit.
         body = {"request_type": "async", "input": sub.input, "provider": sub.provider}
+        price = self.config.pricing[sub.model]
         return TaskRecord(
             id=new_task_id(), team=team.name, model=sub.model, identity=identity,
-            state="submitting", cache=cache, leader_id=None, upstream_id=None,
-            request_json=json.dumps(body, ensure_ascii=False), result_json=None,
-            fail_code=None, fail_msg=None, create_ms=created, complete_ms=None,
-            price_micros=self.config.pricing[sub.model], reserved_micros=0, charged_micros=0,
-            saved_micros=0, images=0,
+            state=state, cache=cache, leader_id=leader_id, upstream_id=None,
+            request_json=json.dumps(body, ensure_ascii=False), result_json=result_json,
+            fail_code=None, fail_msg=None, create_ms=created, complete_ms=complete_ms,
+            price_micros=price, reserved_micros=price if reserve else 0, charged_micros=0,
+            saved_micros=price * images if cache == "hit" else 0, images=images,
             budget_day=utc_today(datetime.fromtimestamp(created / 1000, UTC)).isoformat(),
             no_store=int(opts.no_store), callback_url=sub.callback_url,
         )
@@ -260,11 +267,10 @@ class Gateway:
         result_json: str, images: int,
     ) -> Submitted:
         created = now_ms()
-        task = replace(
-            self._new_task(team, sub, opts, identity, "hit", created),
+        task = self._new_task(
+            team, sub, opts, identity, "hit", created,
             state="success", result_json=result_json, images=images, complete_ms=created,
         )
-        task = replace(task, saved_micros=task.price_micros * images)
         task = await self.store.create_task(task, idempotency=self._idem(opts), now_ms=created)
         self.metrics.cache_lookups.labels(sub.model, "hit").inc()
         self._finished([task])
@@ -275,9 +281,8 @@ class Gateway:
         leader_id: str,
     ) -> Submitted:
         created = now_ms()
-        task = replace(
-            self._new_task(team, sub, opts, identity, "joined", created),
-            state="pending", leader_id=leader_id,
+        task = self._new_task(
+            team, sub, opts, identity, "joined", created, state="pending", leader_id=leader_id,
         )
         task = await self.store.create_task(task, idempotency=self._idem(opts), now_ms=created)
         self.metrics.cache_lookups.labels(sub.model, "joined").inc()
@@ -292,7 +297,6 @@ class Gateway:
         self, team: TeamConfig, sub: Submission, opts: SubmitOptions, identity: str, cache: str,
         key: str | None, flight: Flight | None,
     ) -> Submitted:
-        self.metrics.cache_lookups.labels(sub.model, cache).inc()
         # The lease is taken inside the reservation's transaction, after the budget
         # check: requests that will get a 402 never hold a slot, so a burst from a
         # team out of budget cannot make the gateway look busy to everyone else.
@@ -305,8 +309,7 @@ class Gateway:
 
         try:
             created = now_ms()
-            task = self._new_task(team, sub, opts, identity, cache, created)
-            task = replace(task, reserved_micros=task.price_micros)
+            task = self._new_task(team, sub, opts, identity, cache, created, reserve=True)
             await self.budgets.reserve(
                 team, task, idempotency=self._idem(opts), now_ms=created, admit=admit
             )
@@ -316,8 +319,11 @@ class Gateway:
             _tag_cache(exc, cache)
             raise
         self.metrics.tasks_in_flight.labels(team.name).set(self.limits.in_flight(team.name))
+        # Counted once admitted, like hits and joins: a submit refused with 402/429
+        # is a rejection, and counting it as a miss would dilute the hit rate.
+        self.metrics.cache_lookups.labels(sub.model, cache).inc()
         try:
-            upstream_id = await self.upstream.submit(sub.model, json.loads(task.request_json))
+            upstream_id = await self.upstream.submit(sub.model, task.request_json)
             await self.store.mark_submitted(task.id, upstream_id)
         except BaseException as exc:
             # Upstream refused or never answered: nothing is owed. finish() does
@@ -403,7 +409,8 @@ class Gateway:
                 self.metrics.task_failures.labels(
                     task.team, task.model, self.metrics.fail_code_label(task.fail_code)
                 ).inc()
-            if task.state in ("success", "failed") and task.fail_code != "UpstreamRejected":
+            # Hits end the moment they start; counting them would hide upstream latency.
+            if task.cache != "hit" and task.fail_code != "UpstreamRejected":
                 self.metrics.task_duration.labels(task.model, task.state).observe(max(0, seconds))
             _log_state(
                 "task final", task, fail_code=task.fail_code, images=task.images,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
@@ -33,9 +34,16 @@ from gateway.money import Micros
 
 log = logging.getLogger("gateway.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 CHECKPOINT_INTERVAL_SECONDS = 1.0
+# Past this many frames (4 KiB each) in the WAL a RESTART checkpoint lets it
+# start over; it holds writers back for a few milliseconds, so not every round.
+CHECKPOINT_RESTART_FRAMES = 16_384
+# A RESTART checkpoint holds writers back; past this it gives up until the next
+# round rather than keep submits waiting on a long report query.
+CHECKPOINT_BUSY_MS = 100
+WRITE_LOCK_TIMEOUT_SECONDS = 5.0
 SWEEP_BATCH = 500  # rows per sweep transaction: each holds the loop well under a millisecond
 
 ACTIVE_STATES = ("submitting", "pending", "processing")
@@ -145,6 +153,28 @@ _MIGRATIONS: dict[int, str] = {
         updated_ms INTEGER NOT NULL
     );
     CREATE INDEX outbox_due ON outbox(next_attempt_ms) WHERE state = 'pending';
+    """,
+    2: """
+    -- All-time totals per (team, model, kind), kept by trigger: restoring the
+    -- money counters at startup summed the whole ledger, seconds per million rows.
+    CREATE TABLE ledger_totals (
+        team TEXT NOT NULL,
+        model TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        amount_micros INTEGER NOT NULL DEFAULT 0,
+        images INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (team, model, kind)
+    ) WITHOUT ROWID;
+    INSERT INTO ledger_totals (team, model, kind, amount_micros, images)
+        SELECT team, model, kind, SUM(amount_micros), SUM(images) FROM ledger
+        GROUP BY team, model, kind;
+    CREATE TRIGGER ledger_to_totals AFTER INSERT ON ledger BEGIN
+        INSERT INTO ledger_totals (team, model, kind, amount_micros, images)
+        VALUES (NEW.team, NEW.model, NEW.kind, NEW.amount_micros, NEW.images)
+        ON CONFLICT (team, model, kind) DO UPDATE SET
+            amount_micros = amount_micros + excluded.amount_micros,
+            images = images + excluded.images;
+    END;
     """,
 }
 
@@ -283,6 +313,9 @@ class _Connection:
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _Cursor:
         return _Cursor(self._conn.execute(sql, parameters))
 
+    def run(self, sql: str) -> None:
+        self._conn.execute(sql)
+
     async def close(self) -> None:
         self._conn.close()
 
@@ -309,12 +342,15 @@ class Store:
         await self._writer.execute("PRAGMA wal_autocheckpoint=0")
         await self._writer.execute("PRAGMA foreign_keys=ON")
         await self._migrate()
+        # From here on, waiting for the write lock must not freeze the event
+        # loop: _begin() waits by sleeping instead.
+        self._writer.run("PRAGMA busy_timeout=0")
         self._point = _Connection(self.path, query_only=True)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
         await self._reader.execute("PRAGMA query_only=ON")
         self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._checkpointer.execute("PRAGMA busy_timeout=5000")
+        await self._checkpointer.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
         self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="wal-checkpoint")
 
     async def close(self) -> None:
@@ -329,12 +365,24 @@ class Store:
         self._writer = self._point = None
 
     async def _checkpoint_loop(self) -> None:
-        """Copy the WAL back into the database in a thread, so the WAL stays small."""
-        assert self._checkpointer is not None
+        """Copy the WAL back into the database from a thread, so the WAL stays small.
+
+        PASSIVE copies without holding anyone back; when writes pause it catches
+        up and the next write starts the WAL over. Under steady writes it never
+        catches up, and without a RESTART now and then the WAL grew by every
+        write (and every page lookup searched it). RESTART holds writers back
+        while it copies what was written during the PASSIVE pass and fsyncs,
+        a few milliseconds, so it runs only once the WAL is large.
+        """
+        ckpt = self._checkpointer
+        assert ckpt is not None
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_SECONDS)
             try:
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                async with ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
+                    row = await cur.fetchone()
+                if row is not None and row[1] >= CHECKPOINT_RESTART_FRAMES:
+                    await ckpt.execute("PRAGMA wal_checkpoint(RESTART)")
             except sqlite3.Error:
                 log.exception("WAL checkpoint failed; will retry")
 
@@ -385,16 +433,30 @@ class Store:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_Connection]:
         # The lock keeps other coroutines' statements out of this transaction:
-        # they share the single writer connection.
+        # they share the single writer connection. Only _begin() can make the
+        # holder wait (for another connection's write lock); the others queue here.
         async with self._lock:
             db = self._w
-            await db.execute("BEGIN IMMEDIATE")
+            await self._begin()
             try:
                 yield db
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
+
+    async def _begin(self) -> None:
+        deadline = time.monotonic() + WRITE_LOCK_TIMEOUT_SECONDS
+        while True:
+            try:
+                await self._w.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                # Another connection writes (a RESTART checkpoint, another
+                # process): wait without holding up the event loop.
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.001)
 
     async def ping(self) -> None:
         async with self._r.execute("SELECT 1") as cur:
@@ -617,8 +679,7 @@ class Store:
     async def ledger_totals(self) -> list[tuple[str, str, str, int, int]]:
         """(team, model, kind, amount, images) summed over the whole ledger."""
         async with self._r.execute(
-            "SELECT team, model, kind, SUM(amount_micros), SUM(images) FROM ledger "
-            "GROUP BY team, model, kind"
+            "SELECT team, model, kind, amount_micros, images FROM ledger_totals"
         ) as cur:
             rows = await cur.fetchall()
         return [(str(t), str(m), str(k), int(a), int(i)) for t, m, k, a, i in rows]

@@ -34,7 +34,7 @@ from gateway.money import Micros
 
 log = logging.getLogger("gateway.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 CHECKPOINT_INTERVAL_SECONDS = 1.0
 # Past this many frames (4 KiB each) in the WAL a RESTART checkpoint lets it
@@ -175,6 +175,10 @@ _MIGRATIONS: dict[int, str] = {
             amount_micros = amount_micros + excluded.amount_micros,
             images = images + excluded.images;
     END;
+    """,
+    3: """
+    -- forget_idempotency() looks keys up by task after an upstream refusal.
+    CREATE INDEX idempotency_task ON idempotency(task_id);
     """,
 }
 

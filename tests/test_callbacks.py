@@ -640,6 +640,12 @@ async def test_e2e_cache_hit_is_delivered_at_once_and_signed(
     assert verify_signature(SECRET, second.headers["X-Gateway-Signature"], second.body)
     data = json.loads(second.body)["data"]
     assert (data["state"], data["resultJson"]) == ("success", first_data["resultJson"])
+    # The gateway counts a delivery once its outbox row is marked, a moment after
+    # the receiver answered: wait for it rather than race it.
+    for _ in range(250):
+        if await _metric(http, gw, "delivered") >= 2:
+            break
+        await asyncio.sleep(0.02)
     assert await _metric(http, gw, "delivered") == 2
 
 

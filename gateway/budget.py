@@ -85,10 +85,6 @@ class Budgets:
             task_id, outcome, cache_key=cache_key, cache_ttl_ms=cache_ttl_ms
         )
 
-    async def release_unsent(self, task_id: str, why: str, now_ms: int) -> bool:
-        """Give back the reservation of a task that never reached upstream."""
-        return await self._store.abandon(task_id, "GatewayRejected", why, now_ms)
-
     async def view(self, team: TeamConfig, today: date | None = None) -> BudgetView:
         today = today or utc_today()
         start = period_start(team.budget_period, today)

@@ -527,12 +527,6 @@ class Store:
                 await _enqueue_callback(db, task, now_ms)
         return task
 
-    async def abandon(self, task_id: str, fail_code: str, fail_msg: str, now_ms: int) -> bool:
-        """Drop a task that never reached upstream: release its reservation once."""
-        outcome = Outcome("failed", now_ms, fail_code=fail_code, fail_msg=fail_msg)
-        finished = await self.finish(task_id, outcome, cache_key=None, cache_ttl_ms=0)
-        return bool(finished)
-
     async def finish(
         self,
         task_id: str,
@@ -835,13 +829,6 @@ class Store:
         ) as cur:
             return [OutboxItem(*r) for r in await cur.fetchall()]
 
-    async def outbox_next_due_ms(self) -> int | None:
-        async with self._r.execute(
-            "SELECT MIN(next_attempt_ms) FROM outbox WHERE state = 'pending'"
-        ) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row and row[0] is not None else None
-
     async def outbox_record(
         self, item_id: int, *, state: str, attempts: int, next_attempt_ms: int,
         error: str | None, now_ms: int,
@@ -852,10 +839,6 @@ class Store:
                 "updated_ms = ? WHERE id = ? AND state = 'pending'",
                 (state, attempts, next_attempt_ms, error, now_ms, item_id),
             )
-
-    async def outbox_counts(self) -> dict[str, int]:
-        async with self._r.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state") as cur:
-            return {str(s): int(n) for s, n in await cur.fetchall()}
 
 
 def _settle(task: TaskRecord, outcome: Outcome) -> TaskRecord:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -15,10 +16,10 @@ from gateway.config import TeamConfig
 from gateway.core import SubmitOptions
 from gateway.errors import APIError
 from gateway.money import micros_to_usd
-from gateway.tasks import status_envelope
 from gateway.validation import invalid, validate_submit
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _team(request: web.Request) -> TeamConfig:
@@ -62,10 +63,14 @@ async def _json_body(request: web.Request) -> Any:
         raise invalid("Request body is not valid JSON: nested too deeply") from None
     # JSON escapes can spell lone UTF-16 surrogates ("\ud800"), which no
     # UTF-8 store or upstream accepts: refuse them here, not with a 500 later.
-    try:
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid("Request body contains invalid Unicode (an unpaired surrogate)") from None
+    # Only an escape can spell one (UTF-8 input cannot), so only then is it checked.
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid(
+                "Request body contains invalid Unicode (an unpaired surrogate)"
+            ) from None
     return body
 
 
@@ -141,7 +146,9 @@ async def status_task(request: web.Request) -> web.Response:
     if task is None or task.team != team.name or task.model != model:
         raise APIError(404, f"Task {task_id!r} not found", message="Task not found")
     request["task_id"] = task.id
-    return web.json_response(status_envelope(task, gateway.shown_state(task)))
+    return web.Response(
+        body=gateway.status_body(task), content_type="application/json", charset="utf-8"
+    )
 
 
 async def current_balance(request: web.Request) -> web.Response:

@@ -20,6 +20,7 @@ from gateway.callbacks import Callbacks
 from gateway.config import Config
 from gateway.core import Gateway
 from gateway.errors import APIError
+from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.simulator import create_simulator_app
 from gateway.store import Store, TaskRecord
@@ -107,7 +108,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.app[CONFIG].logging.log_prompts:
             fields["prompt"] = request.get("prompt")
         # Formatted and written after the response has gone (DeferredStreamHandler).
-        log.info("request", extra=fields)
+        log_event(log, "request", fields)
     return response
 
 

@@ -26,6 +26,7 @@ from gateway.callbacks import Callbacks, check_callback_url
 from gateway.config import Config, TeamConfig
 from gateway.errors import APIError
 from gateway.limits import Limits
+from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.money import micros_to_usd
 from gateway.store import (
@@ -36,7 +37,7 @@ from gateway.store import (
     Store,
     TaskRecord,
 )
-from gateway.tasks import new_task_id, now_ms
+from gateway.tasks import new_task_id, now_ms, status_envelope
 from gateway.tracker import Tracker
 from gateway.upstream import Upstream
 from gateway.validation import Submission
@@ -44,6 +45,8 @@ from gateway.validation import Submission
 log = logging.getLogger("gateway.core")
 
 VIEW_CACHE_ENTRIES = 100_000
+# Encoded statusTask answers of final tasks (about 1 KB each), which never change.
+STATUS_BODY_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class Gateway:
         self.flights = Flights()
         self.tracker = Tracker(upstream, config.upstream, self._on_outcome, self._on_processing)
         self._views: LRUCache[str, TaskRecord] = LRUCache(maxsize=VIEW_CACHE_ENTRIES)
+        self._status_bodies: LRUCache[str, bytes] = LRUCache(maxsize=STATUS_BODY_ENTRIES)
         self._idempotency_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._keys: dict[bytes, str] = {}
         self.apply_config(config)
@@ -429,6 +433,15 @@ class Gateway:
                 self._views[task_id] = task
         return task
 
+    def status_body(self, task: TaskRecord) -> bytes:
+        """The statusTask answer, encoded; a final task's is encoded once."""
+        if not task.is_final:
+            return json.dumps(status_envelope(task, self.shown_state(task))).encode()
+        body = self._status_bodies.get(task.id)
+        if body is None:
+            body = self._status_bodies[task.id] = json.dumps(status_envelope(task)).encode()
+        return body
+
     def shown_state(self, task: TaskRecord) -> str | None:
         """A joined task shows its leader's progress until both are final."""
         if task.leader_id is not None and not task.is_final:
@@ -449,7 +462,7 @@ def _tag_cache(exc: BaseException, cache: str) -> None:
 
 def _log_state(message: str, task: TaskRecord, **extra: object) -> None:
     """One log line per task state change (never the prompt: that is the request line's)."""
-    log.info(message, extra={
+    log_event(log, message, {
         "event": "task_state", "task_id": task.id, "team": task.team, "model": task.model,
         "state": task.state, "cache": task.cache, **extra,
     })

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -121,9 +120,10 @@ async def generate_task(request: web.Request) -> web.Response:
         no_cache=no_cache,
         no_store=no_store,
     )
-    # Shielded: a client that disconnects mid-submit must not abort the
-    # pipeline half-way (a reservation without its upstream task, or the reverse).
-    result = await asyncio.shield(gateway.submit(team, submission, opts))
+    # A client that disconnects mid-submit does not cancel this handler (the
+    # server runs with handler_cancellation=False, see cli.cmd_serve), so the
+    # pipeline never stops half-way: a reservation without its upstream task.
+    result = await gateway.submit(team, submission, opts)
     request["cache"] = result.cache
     request["task_id"] = result.task_id
     headers = {"X-Gateway-Cache": result.cache}

@@ -89,6 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web.run_app(
         app, host=host, port=port, access_log=None, print=None,
         shutdown_timeout=config.upstream.request_timeout_seconds + 5,
+        # aiohttp's default, stated because the submit path relies on it: a
+        # client hanging up must not cancel a submit between its reservation
+        # and its upstream call.
+        handler_cancellation=False,
     )
     log.info("apixo-gateway stopped")
     return 0

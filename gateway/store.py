@@ -7,8 +7,12 @@ status and admin reads never queue behind a write. Money rows go to an
 append-only ledger whose UNIQUE(task_id, kind) makes every charge and release
 happen at most once even if two code paths race to settle a task.
 
-The writer and the point reads (one task, one cache entry, one idempotency key,
-a team's usage) run on the event loop's own thread: with WAL and
+The writer runs on the event loop's own thread, and so do the point reads (one
+task, one cache entry, one idempotency key, a team's usage), through the
+writer's connection: a second connection had to throw its page cache away
+after every commit and read its pages again. They may see a change of the
+group not yet committed; anything they act on is itself written after it, so
+commits no earlier. With WAL and
 synchronous=NORMAL a commit is a write() into the OS page cache, tens of
 microseconds, while handing each statement to a worker thread and back costs
 more than the statement, and under load the GIL handoffs between the loop and
@@ -38,15 +42,20 @@ log = logging.getLogger("gateway.store")
 SCHEMA_VERSION = 3
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 CHECKPOINT_INTERVAL_SECONDS = 1.0
-# Past this many frames (4 KiB each, 16 MiB) in the WAL a RESTART checkpoint lets
+# Past this many frames (4 KiB each, 64 MiB) in the WAL a RESTART checkpoint lets
 # it start over; it holds writers back for a few milliseconds, so not every round.
-CHECKPOINT_RESTART_FRAMES = 4_096
+CHECKPOINT_RESTART_FRAMES = 16_384
 # A RESTART checkpoint holds writers back; past this it gives up until the next
 # round rather than keep submits waiting on a long report query.
 CHECKPOINT_BUSY_MS = 100
 WRITE_LOCK_TIMEOUT_SECONDS = 5.0
-# Group commit: how long the first change of a group may wait for others to join.
+# Group commit: how long the first change of a group that someone waits for may
+# wait for others to join; and how long changes nobody waits for (durable=False)
+# may wait for one that someone does, to share its commit.
 GROUP_COMMIT_MAX_WAIT_SECONDS = 0.002
+LAZY_COMMIT_SECONDS = 0.02
+# A change someone waits for commits at once when no other did for this long.
+COMMIT_AT_ONCE_AFTER_IDLE_SECONDS = 0.002
 SWEEP_BATCH = 500  # rows per sweep transaction: each holds the loop well under a millisecond
 
 ACTIVE_STATES = ("submitting", "pending", "processing")
@@ -311,11 +320,9 @@ class _Cursor:
 class _Connection:
     """A sqlite3 connection used on the loop's thread, with the slice of aiosqlite's API we use."""
 
-    def __init__(self, path: str, *, query_only: bool = False) -> None:
+    def __init__(self, path: str) -> None:
         self._conn = sqlite3.connect(path, isolation_level=None)
         self._conn.execute("PRAGMA busy_timeout=5000")
-        if query_only:
-            self._conn.execute("PRAGMA query_only=ON")
 
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _Cursor:
         return _Cursor(self._conn.execute(sql, parameters))
@@ -331,7 +338,6 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._writer: _Connection | None = None
-        self._point: _Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
@@ -342,6 +348,9 @@ class Store:
         self._group: asyncio.Future[None] | None = None
         self._group_changes = 0
         self._group_opened = 0.0
+        self._group_durable = False
+        self._group_deadline: asyncio.TimerHandle | None = None
+        self._last_durable = 0.0
 
     # -- lifecycle -------------------------------------------------------
 
@@ -358,7 +367,6 @@ class Store:
         # From here on, waiting for the write lock must not freeze the event
         # loop: _begin() waits by sleeping instead.
         self._writer.run("PRAGMA busy_timeout=0")
-        self._point = _Connection(self.path, query_only=True)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
         await self._reader.execute("PRAGMA query_only=ON")
@@ -374,11 +382,11 @@ class Store:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
             self._checkpoints = None
-        for conn in (self._reader, self._checkpointer, self._point, self._writer):
+        for conn in (self._reader, self._checkpointer, self._writer):
             if conn is not None:
                 await conn.close()
         self._reader = self._checkpointer = None
-        self._writer = self._point = None
+        self._writer = None
 
     async def _checkpoint_loop(self) -> None:
         """Copy the WAL back into the database from a thread, so the WAL stays small.
@@ -441,9 +449,8 @@ class Store:
 
     @property
     def _p(self) -> _Connection:
-        if self._point is None:
-            raise RuntimeError("store is not open")
-        return self._point
+        """Point reads: the writer's own connection (see the module docstring)."""
+        return self._w
 
     @property
     def _r(self) -> aiosqlite.Connection:
@@ -452,7 +459,7 @@ class Store:
         return self._reader
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[_Connection]:
+    async def _transaction(self, *, durable: bool = True) -> AsyncIterator[_Connection]:
         """One atomic change, made durable together with the others of this loop turn.
 
         Group commit: the first change of a turn opens a write transaction and
@@ -461,28 +468,53 @@ class Store:
         alone. A commit writes every page it touched to the WAL, and a submit
         touches a dozen (the task, its indexes, the ledger, the usage rows):
         sixty concurrent submits now write those shared pages once instead of
-        sixty times. The caller still returns only once its change is committed.
+        sixty times. The caller still returns only once its change is committed,
+        unless it says the change need not be durable yet (durable=False): then it
+        goes on at once and the change commits with its group.
         """
         async with self._exclusive():
             db = self._w
+            loop = asyncio.get_running_loop()
             if self._group is None:
                 await self._begin()
-                loop = asyncio.get_running_loop()
                 self._group = loop.create_future()
                 self._group_changes = 0
-                self._group_opened = time.monotonic()
-                loop.call_soon(self._commit_group, 1)
+                self._group_durable = False
+                if not durable:
+                    # Changes nobody waits for commit when a waited-for change
+                    # joins them, or after this long.
+                    self._group_deadline = loop.call_later(
+                        LAZY_COMMIT_SECONDS, self._commit_group, self._group, -1
+                    )
             group = self._group
             self._group_changes += 1
+            commit_now = False
+            if durable and not self._group_durable:
+                self._group_durable = True
+                now = time.monotonic()
+                self._group_opened = now
+                # Nobody else has asked for a commit lately: waiting a turn for
+                # company would cost this caller two turns of the loop for nothing.
+                commit_now = now - self._last_durable >= COMMIT_AT_ONCE_AFTER_IDLE_SECONDS
+                self._last_durable = now
+                if not commit_now:
+                    loop.call_soon(self._commit_group, group, self._group_changes)
             db.run("SAVEPOINT change")
             try:
                 yield db
             except BaseException:
                 db.run("ROLLBACK TO change")
                 db.run("RELEASE change")
+                if commit_now:
+                    self._commit(group)
                 raise
             db.run("RELEASE change")
-        await _committed(group)
+            if commit_now:
+                self._commit(group)
+        if durable:
+            await _committed(group)
+        else:
+            group.add_done_callback(_log_commit_failure)
 
     @asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:
@@ -503,27 +535,34 @@ class Store:
         finally:
             self._gate.set()
 
-    def _commit_group(self, seen: int) -> None:
+    def _commit_group(self, group: asyncio.Future[None], seen: int) -> None:
         """Commit once a turn of the loop brought no new change (or the group is old).
 
         Committing at the first turn after the group opened made groups of one
         under load: each commit answered one request, whose client's next request
         arrived a turn later and opened the next group. Waiting while changes keep
         arriving lets the answers go out together and the requests come back together.
+        seen < 0: the lazy deadline of a group nobody waits for.
         """
-        group = self._group
-        if group is None:
+        if self._group is not group:
+            return  # committed already
+        loop = asyncio.get_running_loop()
+        if not self._gate.is_set():  # a change is still being made: commit after it
+            loop.call_soon(self._commit_group, group, seen)
             return
-        growing = self._group_changes > seen
-        young = time.monotonic() - self._group_opened < GROUP_COMMIT_MAX_WAIT_SECONDS
-        # A change still being made (the gate is closed) is always waited for.
-        if not self._gate.is_set() or (growing and young):
-            asyncio.get_running_loop().call_soon(self._commit_group, self._group_changes)
-            return
+        if seen >= 0:
+            growing = self._group_changes > seen
+            young = time.monotonic() - self._group_opened < GROUP_COMMIT_MAX_WAIT_SECONDS
+            if growing and young:
+                loop.call_soon(self._commit_group, group, self._group_changes)
+                return
         self._commit(group)
 
     def _commit(self, group: asyncio.Future[None]) -> None:
         self._group = None
+        if self._group_deadline is not None:
+            self._group_deadline.cancel()
+            self._group_deadline = None
         try:
             self._w.run("COMMIT")
         except BaseException as exc:
@@ -693,6 +732,8 @@ class Store:
         return finished
 
     async def mark_submitted(self, task_id: str, upstream_id: str) -> None:
+        # Durable before the client hears of the task: a task answered 200 must
+        # still be tracked after a kill -9 a moment later.
         async with self._transaction() as db:
             await db.execute(
                 "UPDATE tasks SET upstream_id = ?, state = 'pending' "
@@ -701,7 +742,8 @@ class Store:
             )
 
     async def mark_processing(self, task_id: str) -> None:
-        async with self._transaction() as db:
+        """Returns before it is committed: after a restart the tracker asks APIXO again."""
+        async with self._transaction(durable=False) as db:
             await db.execute(
                 "UPDATE tasks SET state = 'processing' "
                 "WHERE (id = ? OR leader_id = ?) AND state = 'pending'",
@@ -925,6 +967,11 @@ class Store:
                 "updated_ms = ? WHERE id = ? AND state = 'pending'",
                 (state, attempts, next_attempt_ms, error, now_ms, item_id),
             )
+
+
+def _log_commit_failure(group: asyncio.Future[None]) -> None:
+    if not group.cancelled() and group.exception() is not None:
+        log.error("group commit failed", exc_info=group.exception())
 
 
 async def _committed(group: asyncio.Future[None]) -> None:

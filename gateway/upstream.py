@@ -80,14 +80,17 @@ class Upstream:
                 timeout=self._timeout,
             ) as resp:
                 code = str(resp.status)
-                text = await resp.text()
+                # Bytes, not text(): json.loads reads UTF-8 itself, and text() first
+                # guesses the charset, a visible share of a submit's client side.
+                raw = await resp.read()
                 if resp.status == 429 or resp.status >= 500:
                     raise TransientUpstreamError(
-                        f"APIXO answered HTTP {resp.status}: {text[:200]}",
+                        f"APIXO answered HTTP {resp.status}: "
+                        f"{raw[:200].decode('utf-8', 'replace')}",
                         _retry_after(resp.headers),
                     )
                 try:
-                    payload = json.loads(text)
+                    payload = json.loads(raw)
                 except ValueError:
                     payload = None
                 if not isinstance(payload, dict):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 
 from gateway.config import TeamConfig
 from gateway.errors import APIError
@@ -25,6 +26,17 @@ ALL_TIME = "0000-01-01"
 
 def utc_today(now: datetime | None = None) -> date:
     return (now or datetime.now(UTC)).astimezone(UTC).date()
+
+
+def utc_day_of_ms(epoch_ms: int) -> str:
+    """The UTC day (ISO) of a timestamp: the day a task's money is attributed to."""
+    return _day_iso(epoch_ms // 86_400_000)
+
+
+@lru_cache(maxsize=8)
+def _day_iso(day_number: int) -> str:
+    # Every submit asks; building a datetime for it each time was a visible cost.
+    return (date(1970, 1, 1) + timedelta(days=day_number)).isoformat()
 
 
 def period_start(period: str, today: date) -> date | None:

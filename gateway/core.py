@@ -16,11 +16,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 from cachetools import LRUCache
 
-from gateway.budget import Budgets, utc_today
+from gateway.budget import Budgets, utc_day_of_ms
 from gateway.cache import Flight, Flights, ResultCache, cache_key, request_identity
 from gateway.callbacks import Callbacks, check_callback_url
 from gateway.config import Config, TeamConfig
@@ -257,7 +256,7 @@ class Gateway:
             fail_code=None, fail_msg=None, create_ms=created, complete_ms=complete_ms,
             price_micros=price, reserved_micros=price if reserve else 0, charged_micros=0,
             saved_micros=price * images if cache == "hit" else 0, images=images,
-            budget_day=utc_today(datetime.fromtimestamp(created / 1000, UTC)).isoformat(),
+            budget_day=utc_day_of_ms(created),
             no_store=int(opts.no_store), callback_url=sub.callback_url,
         )
 

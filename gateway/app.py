@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -44,6 +45,12 @@ _id_counter = itertools.count()
 def _endpoint(request: web.Request) -> str:
     info = request.match_info.route.resource
     canonical = info.canonical if info is not None else ""
+    return _endpoint_of(canonical)
+
+
+@functools.lru_cache(maxsize=64)
+def _endpoint_of(canonical: str) -> str:
+    # Memoised: a handful of route patterns, asked about on every request.
     if "/generateTask/" in canonical:
         return "generateTask"
     if "/statusTask/" in canonical:

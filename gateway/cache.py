@@ -81,11 +81,24 @@ class Flight:
 
 
 class Flights:
+    """Identities on their way upstream (Flight) and in flight upstream (a leader id).
+
+    Once airborne a flight is only its leader's id: with thousands of tasks in
+    flight, a Flight and its future each were objects every full garbage
+    collection walked, and a joiner needs nothing from them but the id.
+    """
+
     def __init__(self) -> None:
         self._by_key: dict[str, Flight] = {}
+        self._airborne: dict[str, str] = {}  # key -> leader task id
         self._by_leader: dict[str, str] = {}
 
+    def leader(self, key: str) -> str | None:
+        """The task id of an identical request already upstream."""
+        return self._airborne.get(key)
+
     def get(self, key: str) -> Flight | None:
+        """An identical request about to go upstream."""
         return self._by_key.get(key)
 
     def start(self, key: str) -> Flight:
@@ -95,14 +108,17 @@ class Flights:
 
     def lift_off(self, key: str, flight: Flight, leader_id: str) -> None:
         flight.leader_id = leader_id
-        self._by_leader[leader_id] = key
+        if self._by_key.get(key) is flight:
+            del self._by_key[key]
+            self._airborne[key] = leader_id
+            self._by_leader[leader_id] = key
         if not flight.ready.done():
             flight.ready.set_result(leader_id)
 
     def adopt(self, key: str, leader_id: str) -> None:
         """Make an in-flight task found at startup joinable again."""
-        flight = self.start(key)
-        self.lift_off(key, flight, leader_id)
+        self._airborne[key] = leader_id
+        self._by_leader[leader_id] = key
 
     def abort(self, key: str, flight: Flight, refusal: APIError | None = None) -> None:
         if self._by_key.get(key) is flight:
@@ -112,10 +128,8 @@ class Flights:
 
     def land(self, leader_id: str) -> None:
         key = self._by_leader.pop(leader_id, None)
-        if key is not None:
-            flight = self._by_key.get(key)
-            if flight is not None and flight.leader_id == leader_id:
-                del self._by_key[key]
+        if key is not None and self._airborne.get(key) == leader_id:
+            del self._airborne[key]
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return len(self._by_key) + len(self._airborne)

@@ -30,8 +30,8 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import aiosqlite
 
@@ -200,8 +200,14 @@ _MIGRATIONS: dict[int, str] = {
 }
 
 
-@dataclass(frozen=True)
-class TaskRecord:
+class TaskRecord(NamedTuple):
+    """One row of tasks.
+
+    A NamedTuple, not a frozen dataclass: built on every submit and for every
+    row read, and a tuple is built in a fraction of the time with one object
+    instead of two (the instance and its __dict__). See also core.TaskViews.
+    """
+
     id: str
     team: str
     model: str
@@ -230,7 +236,7 @@ class TaskRecord:
         return self.state in FINAL_STATES
 
 
-_TASK_COLUMNS = [f.name for f in fields(TaskRecord)]
+_TASK_COLUMNS = list(TaskRecord._fields)
 _TASK_SELECT = "SELECT " + ", ".join(_TASK_COLUMNS) + " FROM tasks"
 _TASK_INSERT = (
     f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) "
@@ -243,7 +249,7 @@ def _task(row: Sequence[Any]) -> TaskRecord:
 
 
 def _task_values(task: TaskRecord) -> tuple[Any, ...]:
-    return tuple(getattr(task, name) for name in _TASK_COLUMNS)
+    return tuple(task)  # the fields are the columns, in order
 
 
 @dataclass(frozen=True)
@@ -258,8 +264,7 @@ class Outcome:
     fail_msg: str | None = None
 
 
-@dataclass(frozen=True)
-class CacheEntry:
+class CacheEntry(NamedTuple):  # a NamedTuple for the reasons TaskRecord is one
     key: str
     result_json: str
     images: int
@@ -647,7 +652,7 @@ class Store:
                     if leader.is_final:
                         task = _follow(task, leader)
                     elif leader.state != task.state:
-                        task = replace(task, state=leader.state)
+                        task = task._replace(state=leader.state)
             await db.execute(_TASK_INSERT, _task_values(task))
             if task.saved_micros:
                 await _ledger(db, task, "saving", task.saved_micros, task.images, now_ms)
@@ -1010,8 +1015,7 @@ async def _committed(group: asyncio.Future[None]) -> None:
 
 def _settle(task: TaskRecord, outcome: Outcome) -> TaskRecord:
     charged = task.price_micros * outcome.images if outcome.state == "success" else 0
-    return replace(
-        task,
+    return task._replace(
         state=outcome.state,
         result_json=outcome.result_json,
         fail_code=outcome.fail_code,
@@ -1025,8 +1029,7 @@ def _settle(task: TaskRecord, outcome: Outcome) -> TaskRecord:
 def _follow(follower: TaskRecord, leader: TaskRecord) -> TaskRecord:
     """A joined task ends exactly as its leader did, charged nothing."""
     success = leader.state == "success"
-    return replace(
-        follower,
+    return follower._replace(
         state=leader.state,
         result_json=leader.result_json,
         fail_code=leader.fail_code,

@@ -1,16 +1,27 @@
-"""Background polling of upstream tasks: one loop per upstream task, timeouts included.
+"""Background polling of upstream tasks, timeouts included.
 
 Client status polls never reach upstream; this is the only place that asks
 APIXO how a task is doing, at the first-poll delay and interval from config.
+
+A task waiting for its next poll is an entry in a heap of due times, not a
+sleeping coroutine: with thousands of tasks in flight, a coroutine, its frame,
+its sleep future and its timer each were objects every full garbage
+collection walked (pauses past 100 ms under load), and every timer sat in the
+event loop's own heap. One loop timer fires for the earliest due poll; a poll
+runs as a short task and schedules the next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import heapq
+import itertools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from gateway.config import UpstreamConfig
 from gateway.store import Outcome, TaskRecord
@@ -59,74 +70,115 @@ class Tracker:
         self._config = config
         self._on_outcome = on_outcome
         self._on_processing = on_processing
-        self._loops: dict[str, asyncio.Task[None]] = {}
+        # task id -> (the task as a plain tuple, deadline, seen processing). Plain
+        # tuples of strings and numbers are not tracked by the garbage collector.
+        self._watch: dict[str, tuple[tuple[Any, ...], float, bool]] = {}
+        self._due: list[tuple[float, int, str]] = []  # (when, tie-breaker, task id)
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._polls: dict[str, asyncio.Task[None]] = {}
 
     def __len__(self) -> int:
-        return len(self._loops)
+        return len(self._watch)
 
     def track(self, task: TaskRecord) -> None:
-        if task.id in self._loops:
+        if task.id in self._watch:
             return
-        loop = asyncio.create_task(self._follow(task), name=f"track-{task.id}")
-        self._loops[task.id] = loop
-        loop.add_done_callback(lambda done: self._done(task, done))
-
-    def _done(self, task: TaskRecord, loop: asyncio.Task[None]) -> None:
-        self._loops.pop(task.id, None)
-        if not loop.cancelled() and loop.exception() is not None:
-            log.error("tracking stopped by an unexpected error; the task resumes on restart",
-                      exc_info=loop.exception(), extra={"task_id": task.id})
-
-    async def stop(self) -> None:
-        """Stop polling; tasks stay in the database and resume on next start."""
-        loops = list(self._loops.values())
-        for loop in loops:
-            loop.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
-
-    async def _follow(self, task: TaskRecord) -> None:
         assert task.upstream_id is not None
         cfg = self._config
         deadline = task.create_ms / 1000 + cfg.task_timeout_seconds
-        next_poll = task.create_ms / 1000 + cfg.first_poll_seconds
-        processing = task.state == "processing"
-        while True:
-            await asyncio.sleep(max(0.0, min(next_poll, deadline) - time.time()))
-            try:
-                data = await self._upstream.status(task.model, task.upstream_id)
-            except TransientUpstreamError as exc:
-                # 429, 5xx, timeouts: the task is not failed, only unknown for now.
-                log.warning("upstream status unavailable, will ask again",
-                            extra={"task_id": task.id, "error": str(exc)})
-            except Exception:
-                # Anything else (an undecodable answer, a bug) must not end the
-                # loop: the timeout below lives here, and so does the lease.
-                log.exception("polling upstream failed, will ask again",
-                              extra={"task_id": task.id})
-            else:
-                outcome = outcome_from_status(data, int(time.time() * 1000))
-                if outcome is not None:
-                    await self._settle(task, outcome)
-                    return
-                if data.get("state") == "processing" and not processing:
-                    try:
-                        await self._on_processing(task)
-                        processing = True
-                    except Exception:
-                        # Only the shown state lags; keep polling toward the outcome.
-                        log.exception("recording 'processing' failed",
-                                      extra={"task_id": task.id})
-            # Asked once more before giving up, so a task that finished while
-            # the gateway was down is settled as it really ended.
-            now = time.time()
-            if now >= deadline:
-                await self._settle(task, Outcome(
-                    "failed", int(now * 1000), fail_code="Timeout",
-                    fail_msg=f"Task not final after {cfg.task_timeout_seconds:g} s; "
-                    "the gateway gave up and refunded it",
-                ))
+        self._watch[task.id] = (tuple(task), deadline, task.state == "processing")
+        self._schedule(task.id, min(task.create_ms / 1000 + cfg.first_poll_seconds, deadline))
+
+    async def stop(self) -> None:
+        """Stop polling; tasks stay in the database and resume on next start."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        polls = list(self._polls.values())
+        for poll in polls:
+            poll.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
+
+    # -- scheduling ------------------------------------------------------------
+
+    def _schedule(self, task_id: str, when: float) -> None:
+        heapq.heappush(self._due, (when, next(self._seq), task_id))
+        if self._timer is None or when < self._timer_when:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_when = when
+        self._timer = loop.call_at(loop.time() + max(0.0, when - time.time()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = time.time()
+        while self._due and self._due[0][0] <= now:
+            _, _, task_id = heapq.heappop(self._due)
+            if task_id in self._watch and task_id not in self._polls:
+                poll = asyncio.create_task(self._poll(task_id), name=f"poll-{task_id}")
+                self._polls[task_id] = poll
+                poll.add_done_callback(functools.partial(self._poll_done, task_id))
+        if self._due:
+            self._arm(self._due[0][0])
+
+    def _poll_done(self, task_id: str, poll: asyncio.Task[None]) -> None:
+        self._polls.pop(task_id, None)
+        if poll.cancelled() or poll.exception() is None:
+            return
+        # A bug must not drop the task: its timeout and its lease live here.
+        log.error("polling a task failed unexpectedly; will ask again",
+                  exc_info=poll.exception(), extra={"task_id": task_id})
+        if task_id in self._watch:
+            self._schedule(task_id, time.time() + self._config.poll_interval_seconds)
+
+    # -- one poll ----------------------------------------------------------------
+
+    async def _poll(self, task_id: str) -> None:
+        row, deadline, processing = self._watch[task_id]
+        task = TaskRecord._make(row)
+        assert task.upstream_id is not None
+        try:
+            data = await self._upstream.status(task.model, task.upstream_id)
+        except TransientUpstreamError as exc:
+            # 429, 5xx, timeouts: the task is not failed, only unknown for now.
+            log.warning("upstream status unavailable, will ask again",
+                        extra={"task_id": task.id, "error": str(exc)})
+        except Exception:
+            # Anything else (an undecodable answer, a bug) must not end the
+            # tracking: the timeout below lives here, and so does the lease.
+            log.exception("polling upstream failed, will ask again",
+                          extra={"task_id": task.id})
+        else:
+            outcome = outcome_from_status(data, int(time.time() * 1000))
+            if outcome is not None:
+                await self._settle(task, outcome)
                 return
-            next_poll = now + cfg.poll_interval_seconds
+            if data.get("state") == "processing" and not processing:
+                try:
+                    await self._on_processing(task)
+                    processing = True
+                    self._watch[task_id] = (row, deadline, True)
+                except Exception:
+                    # Only the shown state lags; keep polling toward the outcome.
+                    log.exception("recording 'processing' failed",
+                                  extra={"task_id": task.id})
+        # Asked once more before giving up, so a task that finished while
+        # the gateway was down is settled as it really ended.
+        now = time.time()
+        if now >= deadline:
+            await self._settle(task, Outcome(
+                "failed", int(now * 1000), fail_code="Timeout",
+                fail_msg=f"Task not final after {self._config.task_timeout_seconds:g} s; "
+                "the gateway gave up and refunded it",
+            ))
+            return
+        self._schedule(task_id, min(now + self._config.poll_interval_seconds, deadline))
 
     async def _settle(self, task: TaskRecord, outcome: Outcome) -> None:
         # A failed write (disk full, locked database) must not drop the task:
@@ -134,7 +186,8 @@ class Tracker:
         while True:
             try:
                 await self._on_outcome(task, outcome)
-                return
+                break
             except Exception:
                 log.exception("settling a task failed; retrying", extra={"task_id": task.id})
                 await asyncio.sleep(self._config.poll_interval_seconds)
+        self._watch.pop(task.id, None)

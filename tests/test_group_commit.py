@@ -1,0 +1,136 @@
+"""Group commit in the store: changes share a transaction but succeed, fail and persist alone.
+
+These drive gateway.store.Store on a real SQLite file and read the result back
+through a separate connection, as another process (or the gateway after a
+kill -9) would see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.store import BudgetExceeded, IdempotencyConflict, Store, TaskRecord
+from gateway.tasks import now_ms
+
+PRICE = 100_000
+
+
+def reserved_task(task_id: str, **changes: Any) -> TaskRecord:
+    values: dict[str, Any] = {
+        "id": task_id, "team": "alpha", "model": "grok-image", "identity": f"id-{task_id}",
+        "state": "submitting", "cache": "miss", "leader_id": None, "upstream_id": None,
+        "request_json": "{}", "result_json": None, "fail_code": None, "fail_msg": None,
+        "create_ms": now_ms(), "complete_ms": None, "price_micros": PRICE,
+        "reserved_micros": PRICE, "charged_micros": 0, "saved_micros": 0, "images": 0,
+        "budget_day": "2026-11-24", "no_store": 0, "callback_url": None,
+    }
+    values.update(changes)
+    return TaskRecord(**values)
+
+
+def committed(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(str(tmp_path / "gateway.db"))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def reserve(
+    store: Store, task_id: str, *, budget: int | None = None, key: str | None = None
+) -> None:
+    await store.create_reserved_task(
+        reserved_task(task_id), budget=budget, period_start_day="2026-11-01",
+        idempotency=(key, "body-hash") if key else None, now_ms=now_ms(),
+    )
+
+
+async def test_concurrent_changes_all_commit_and_a_failing_one_rolls_back_alone(
+    store: Store, tmp_path: Path
+) -> None:
+    await reserve(store, "taken", key="key-1")
+    # Started together, these make their changes in the same turns of the loop,
+    # so they share transactions; one fails half-way (its task row is written
+    # before the idempotency key turns out to be taken).
+    names = [f"t{i}" for i in range(40)]
+    results = await asyncio.gather(
+        *(reserve(store, n, key="key-1" if n == "t20" else None) for n in names),
+        return_exceptions=True,
+    )
+    assert isinstance(results[20], IdempotencyConflict)
+    assert all(r is None for i, r in enumerate(results) if i != 20)
+    db = tmp_path / "gateway.db"
+    stored = {r[0] for r in committed(db, "SELECT id FROM tasks")}
+    assert stored == {"taken", *names} - {"t20"}
+    ledger = committed(db, "SELECT task_id FROM ledger WHERE kind = 'reserve'")
+    assert sorted(r[0] for r in ledger) == sorted(stored)
+
+
+async def test_budget_checks_in_one_group_see_each_others_reservations(
+    store: Store, tmp_path: Path
+) -> None:
+    results = await asyncio.gather(
+        *(reserve(store, f"b{i}", budget=5 * PRICE) for i in range(20)),
+        return_exceptions=True,
+    )
+    assert sum(r is None for r in results) == 5
+    assert all(isinstance(r, BudgetExceeded) for r in results if r is not None)
+    rows = committed(tmp_path / "gateway.db", "SELECT SUM(amount_micros) FROM ledger")
+    assert rows == [(5 * PRICE,)]
+
+
+async def test_a_caller_cancelled_while_its_change_commits_learns_of_it_after(
+    store: Store, tmp_path: Path
+) -> None:
+    # The first change commits at once (the store was idle); the second, made
+    # in the same turn, waits a turn for its group's commit and is cancelled
+    # while it waits. Its change is part of the group and commits regardless,
+    # so the cancellation must reach the caller only after that: a caller told
+    # "cancelled" must not believe its reservation was never made.
+    outcome: list[str] = []
+
+    async def caller() -> None:
+        try:
+            await reserve(store, "second")
+        except asyncio.CancelledError:
+            outcome.append("cancelled without knowing")
+            raise
+        outcome.append("reserved")
+        await asyncio.sleep(0)  # the cancellation lands at the caller's next await
+        outcome.append("never cancelled")
+
+    first = asyncio.create_task(reserve(store, "first"))
+    second = asyncio.create_task(caller())
+    await asyncio.sleep(0)
+    second.cancel()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert outcome == ["reserved"]
+    stored = {r[0] for r in committed(tmp_path / "gateway.db", "SELECT id FROM tasks")}
+    assert stored == {"first", "second"}
+
+
+async def test_a_change_nobody_waits_for_still_commits(store: Store, tmp_path: Path) -> None:
+    await reserve(store, "p1")
+    await store.mark_submitted("p1", "up-1")
+    await store.mark_processing("p1")  # returns before its commit
+    db = tmp_path / "gateway.db"
+    for _ in range(100):
+        if committed(db, "SELECT state FROM tasks WHERE id = 'p1'") == [("processing",)]:
+            break
+        await asyncio.sleep(0.01)
+    assert committed(db, "SELECT state, upstream_id FROM tasks") == [("processing", "up-1")]

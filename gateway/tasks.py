@@ -10,7 +10,16 @@ from gateway.store import TaskRecord
 
 
 def new_task_id() -> str:
-    return "gw_" + secrets.token_hex(12)
+    """gw_ + the creation time in ms (12 hex digits) + 48 random bits.
+
+    Time first, so that ids sort by creation and every new task lands at the
+    right-hand end of the tasks primary-key index (and of the ledger's): with
+    fully random ids each insert dirtied a different leaf page of an index
+    that outgrows the page cache, one more page read and one more page written
+    to the WAL per submit. The random half keeps ids unguessable; the time is
+    already the task's createTime.
+    """
+    return f"gw_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
 
 
 def now_ms() -> int:

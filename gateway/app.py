@@ -109,7 +109,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             "path": request.path, "endpoint": endpoint, "team": team, "model": model,
             "status": response.status, "cache": request.get("cache"),
             "task_id": request.get("task_id"), "error": request.get("error"),
-            "duration_ms": round(elapsed * 1000, 3),
+            # Whole microseconds: round(x, 3) formats a string on every call.
+            "duration_ms": int(elapsed * 1_000_000) / 1000,
         }
         # Prompts can be personal or confidential: logged only when the operator opts in.
         if request.app[CONFIG].logging.log_prompts:

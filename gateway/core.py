@@ -105,7 +105,8 @@ class Gateway:
         self._views = TaskViews(VIEW_CACHE_ENTRIES)
         self._status_bodies: LRUCache[str, bytes] = LRUCache(maxsize=STATUS_BODY_ENTRIES)
         self._idempotency_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
-        self._keys: dict[bytes, str] = {}
+        self._keys: dict[bytes, TeamConfig] = {}
+        self._seen_keys: dict[str, TeamConfig] = {}
         self.apply_config(config)
 
     # -- configuration ------------------------------------------------------
@@ -113,7 +114,8 @@ class Gateway:
     def apply_config(self, config: Config) -> None:
         """Swap teams, keys, budgets and limits; in-flight work keeps its leases."""
         self.config = config
-        self._keys = {digest: team.name for team in config.teams for digest in team.key_hashes}
+        self._keys = {digest: team for team in config.teams for digest in team.key_hashes}
+        self._seen_keys = {}
         self.limits.global_max = config.upstream.max_concurrent
         self.metrics.upstream_max_concurrent.set(config.upstream.max_concurrent)
         for team in config.teams:
@@ -133,16 +135,22 @@ class Gateway:
         if not token:
             raise APIError(401, "Missing API key: send 'Authorization: Bearer <team key>'",
                            reason="unauthorized")
+        # Keys already seen to be valid skip the hash: OpenSSL's sha256 set-up is
+        # most of an authentication's cost on a status poll. Only valid keys are
+        # remembered, so the map is no larger than the configured keys.
+        team_cfg = self._seen_keys.get(token)
+        if team_cfg is not None:
+            return team_cfg
         # surrogateescape: a header that is not UTF-8 is just an unknown key (401), not a 500.
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        # Looked up by digest, not compared key by key: how long the lookup takes
-        # depends on the digest of what the caller sent, which tells the caller
-        # nothing about any stored key (the same reason passwords are compared
-        # as hashes).
-        found = self._keys.get(digest)
-        team_cfg = self.config.team(found) if found else None
+        # Looked up, not compared key by key: a dict lookup's time depends on the
+        # hash of what the caller sent (randomised per process for the token,
+        # SHA-256 for the digest), which tells the caller nothing about any key.
+        team_cfg = self._keys.get(digest)
         if team_cfg is None:
             raise APIError(401, "Unknown API key", reason="unauthorized")
+        if len(self._seen_keys) < len(self._keys):
+            self._seen_keys[token] = team_cfg
         return team_cfg
 
     # -- startup ------------------------------------------------------------

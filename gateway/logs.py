@@ -101,25 +101,21 @@ class DeferredStreamHandler(logging.StreamHandler[TextIO]):
         self._pending: list[logging.LogRecord | Event] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._write([*self._take(), record])
-            return
-        if not self._pending:
-            loop.call_soon(self._drain)
-        self._pending.append(record)
+        self._enqueue(record)
 
     def emit_event(self, event: Event) -> None:
         """Queue a line that needs no LogRecord; written in order with the records."""
+        self._enqueue(event)
+
+    def _enqueue(self, item: logging.LogRecord | Event) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._write([*self._take(), event])
+            self._write([*self._take(), item])
             return
         if not self._pending:
             loop.call_soon(self._drain)
-        self._pending.append(event)
+        self._pending.append(item)
 
     def flush(self) -> None:
         self._write(self._take())

@@ -1,9 +1,9 @@
 """Every SQL statement of the gateway, behind a narrow async interface.
 
-One connection writes, under one asyncio lock, each change in its own
-savepoint of a `BEGIN IMMEDIATE` transaction shared by the changes of one loop
-turn (group commit, see _transaction); other connections read committed state so
-status and admin reads never queue behind a write. Money rows go to an
+One connection writes, each change in its own savepoint of a `BEGIN
+IMMEDIATE` transaction shared by the changes around it (group commit, see
+_transaction); scans read committed state through another connection so
+reports and admin lists never queue behind a write. Money rows go to an
 append-only ledger whose UNIQUE(task_id, kind) makes every charge and release
 happen at most once even if two code paths race to settle a task.
 
@@ -50,12 +50,9 @@ CHECKPOINT_RESTART_FRAMES = 16_384
 CHECKPOINT_BUSY_MS = 100
 WRITE_LOCK_TIMEOUT_SECONDS = 5.0
 WRITER_CACHE_KIB = 64 * 1024  # the writer connection's page cache
-# Group commit: how long the first change of a group that someone waits for may
-# wait for others to join; and how long changes nobody waits for (durable=False)
-# may wait for one that someone does, to share its commit.
+# Group commit: how long the first change of a group may wait for others to join;
+# and a change commits at once when no other came for this long.
 GROUP_COMMIT_MAX_WAIT_SECONDS = 0.002
-LAZY_COMMIT_SECONDS = 0.02
-# A change someone waits for commits at once when no other did for this long.
 COMMIT_AT_ONCE_AFTER_IDLE_SECONDS = 0.002
 SWEEP_BATCH = 500  # rows per sweep transaction: each holds the loop well under a millisecond
 
@@ -249,10 +246,6 @@ def _task(row: Sequence[Any]) -> TaskRecord:
     return TaskRecord(*row)
 
 
-def _task_values(task: TaskRecord) -> tuple[Any, ...]:
-    return tuple(task)  # the fields are the columns, in order
-
-
 @dataclass(frozen=True)
 class Outcome:
     """How an upstream task ended."""
@@ -359,9 +352,7 @@ class Store:
         self._group: asyncio.Future[None] | None = None
         self._group_changes = 0
         self._group_opened = 0.0
-        self._group_durable = False
-        self._group_deadline: asyncio.TimerHandle | None = None
-        self._last_durable = 0.0
+        self._last_change = 0.0
 
     # -- lifecycle -------------------------------------------------------
 
@@ -392,8 +383,7 @@ class Store:
 
     async def close(self) -> None:
         async with self._exclusive():
-            if self._group is not None:
-                self._commit(self._group)
+            self._commit_open()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
@@ -425,8 +415,7 @@ class Store:
                     row = await cur.fetchone()
                 if row is not None and row[1] >= CHECKPOINT_RESTART_FRAMES:
                     async with self._exclusive():
-                        if self._group is not None:
-                            self._commit(self._group)
+                        self._commit_open()
                         await ckpt.execute("PRAGMA wal_checkpoint(RESTART)")
             except sqlite3.Error:
                 log.exception("WAL checkpoint failed; will retry")
@@ -464,18 +453,13 @@ class Store:
         return self._writer
 
     @property
-    def _p(self) -> _Connection:
-        """Point reads: the writer's own connection (see the module docstring)."""
-        return self._w
-
-    @property
     def _r(self) -> aiosqlite.Connection:
         if self._reader is None:
             raise RuntimeError("store is not open")
         return self._reader
 
     @asynccontextmanager
-    async def _transaction(self, *, durable: bool = True) -> AsyncIterator[_Connection]:
+    async def _transaction(self) -> AsyncIterator[_Connection]:
         """One atomic change, made durable together with the changes around it.
 
         Group commit: changes share one write transaction, each inside its own
@@ -484,56 +468,41 @@ class Store:
         task, its indexes, the ledger, the usage rows): sixty concurrent submits
         write the pages they share once instead of sixty times.
 
-        When it commits: at once if no other change someone waits for came in
-        the last 2 ms (a lone submit gains nothing by waiting); otherwise once a
-        turn of the loop brings no new change, at most 2 ms after the first. The
-        caller returns only once its change is committed, unless it says the
-        change need not be durable yet (durable=False): then it goes on at once
-        and the change commits with the next group someone waits for, or 20 ms later.
+        When it commits: at once if no other change came in the last 2 ms (a
+        lone submit gains nothing by waiting); otherwise once a turn of the loop
+        brings no new change, at most 2 ms after the first. The caller returns
+        only once its change is committed.
         """
         async with self._exclusive():
             db = self._w
-            loop = asyncio.get_running_loop()
+            commit_now = False
             if self._group is None:
                 await self._begin()
+                loop = asyncio.get_running_loop()
                 self._group = loop.create_future()
                 self._group_changes = 0
-                self._group_durable = False
-                if not durable:
-                    # Changes nobody waits for commit when a waited-for change
-                    # joins them, or after this long.
-                    self._group_deadline = loop.call_later(
-                        LAZY_COMMIT_SECONDS, self._commit_group, self._group, -1
-                    )
+                self._group_opened = now = time.monotonic()
+                # Nobody else has written lately: waiting a turn for company
+                # would cost this caller two turns of the loop for nothing.
+                commit_now = now - self._last_change >= COMMIT_AT_ONCE_AFTER_IDLE_SECONDS
+                if not commit_now:
+                    loop.call_soon(self._commit_group, self._group, 1)
             group = self._group
             self._group_changes += 1
-            commit_now = False
-            if durable and not self._group_durable:
-                self._group_durable = True
-                now = time.monotonic()
-                self._group_opened = now
-                # Nobody else has asked for a commit lately: waiting a turn for
-                # company would cost this caller two turns of the loop for nothing.
-                commit_now = now - self._last_durable >= COMMIT_AT_ONCE_AFTER_IDLE_SECONDS
-                self._last_durable = now
-                if not commit_now:
-                    loop.call_soon(self._commit_group, group, self._group_changes)
+            self._last_change = time.monotonic()
             db.run("SAVEPOINT change")
             try:
                 yield db
             except BaseException:
                 db.run("ROLLBACK TO change")
                 db.run("RELEASE change")
+                raise
+            else:
+                db.run("RELEASE change")
+            finally:
                 if commit_now:
                     self._commit(group)
-                raise
-            db.run("RELEASE change")
-            if commit_now:
-                self._commit(group)
-        if durable:
-            await _committed(group)
-        else:
-            group.add_done_callback(_log_commit_failure)
+        await _committed(group)
 
     @asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:
@@ -561,27 +530,26 @@ class Store:
         under load: each commit answered one request, whose client's next request
         arrived a turn later and opened the next group. Waiting while changes keep
         arriving lets the answers go out together and the requests come back together.
-        seen < 0: the lazy deadline of a group nobody waits for.
         """
         if self._group is not group:
             return  # committed already
-        loop = asyncio.get_running_loop()
-        if not self._gate.is_set():  # a change is still being made: commit after it
-            loop.call_soon(self._commit_group, group, seen)
+        growing = self._group_changes > seen
+        young = time.monotonic() - self._group_opened < GROUP_COMMIT_MAX_WAIT_SECONDS
+        # A change still being made (the gate is closed) is always waited for.
+        if not self._gate.is_set() or (growing and young):
+            asyncio.get_running_loop().call_soon(
+                self._commit_group, group, self._group_changes
+            )
             return
-        if seen >= 0:
-            growing = self._group_changes > seen
-            young = time.monotonic() - self._group_opened < GROUP_COMMIT_MAX_WAIT_SECONDS
-            if growing and young:
-                loop.call_soon(self._commit_group, group, self._group_changes)
-                return
         self._commit(group)
+
+    def _commit_open(self) -> None:
+        """Commit the open group now (the caller holds the gate)."""
+        if self._group is not None:
+            self._commit(self._group)
 
     def _commit(self, group: asyncio.Future[None]) -> None:
         self._group = None
-        if self._group_deadline is not None:
-            self._group_deadline.cancel()
-            self._group_deadline = None
         try:
             self._w.run("COMMIT")
         except BaseException as exc:
@@ -613,7 +581,7 @@ class Store:
     # -- money ----------------------------------------------------------
 
     async def usage(self, team: str, since_day: str) -> Usage:
-        return await _usage(self._p, team, since_day)
+        return await _usage(self._w, team, since_day)
 
     async def create_reserved_task(
         self,
@@ -637,7 +605,7 @@ class Store:
                     raise BudgetExceeded(usage)
             if admit is not None:
                 admit()
-            await db.execute(_TASK_INSERT, _task_values(task))
+            await db.execute(_TASK_INSERT, task)  # its fields are the columns
             await _ledger(db, task, "reserve", task.reserved_micros, 0, now_ms)
             if idempotency is not None:
                 await _remember_idempotency(db, task, idempotency, now_ms)
@@ -662,7 +630,7 @@ class Store:
                         task = _follow(task, leader)
                     elif leader.state != task.state:
                         task = task._replace(state=leader.state)
-            await db.execute(_TASK_INSERT, _task_values(task))
+            await db.execute(_TASK_INSERT, task)  # its fields are the columns
             if task.saved_micros:
                 await _ledger(db, task, "saving", task.saved_micros, task.images, now_ms)
             if idempotency is not None:
@@ -761,8 +729,7 @@ class Store:
             )
 
     async def mark_processing(self, task_id: str) -> None:
-        """Returns before it is committed: after a restart the tracker asks APIXO again."""
-        async with self._transaction(durable=False) as db:
+        async with self._transaction() as db:
             await db.execute(
                 "UPDATE tasks SET state = 'processing' "
                 "WHERE (id = ? OR leader_id = ?) AND state = 'pending'",
@@ -772,7 +739,7 @@ class Store:
     # -- reads ------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        async with self._p.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)) as cur:
+        async with self._w.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)) as cur:
             row = await cur.fetchone()
         return _task(row) if row else None
 
@@ -908,7 +875,7 @@ class Store:
     # -- cache ------------------------------------------------------------
 
     async def cache_get(self, key: str, now_ms: int) -> CacheEntry | None:
-        async with self._p.execute(
+        async with self._w.execute(
             "SELECT key, result_json, images, task_id, expires_ms FROM cache "
             "WHERE key = ? AND expires_ms > ?",
             (key, now_ms),
@@ -952,7 +919,7 @@ class Store:
 
     async def idempotency_get(self, team: str, key: str, since_ms: int) -> tuple[str, str] | None:
         """(body_hash, task_id) of a key used by the team since since_ms."""
-        async with self._p.execute(
+        async with self._w.execute(
             "SELECT body_hash, task_id FROM idempotency "
             "WHERE team = ? AND key = ? AND created_ms >= ?",
             (team, key, since_ms),
@@ -990,11 +957,6 @@ class Store:
                 "updated_ms = ? WHERE id = ? AND state = 'pending'",
                 (state, attempts, next_attempt_ms, error, now_ms, item_id),
             )
-
-
-def _log_commit_failure(group: asyncio.Future[None]) -> None:
-    if not group.cancelled() and group.exception() is not None:
-        log.error("group commit failed", exc_info=group.exception())
 
 
 async def _committed(group: asyncio.Future[None]) -> None:

@@ -124,10 +124,10 @@ async def test_a_caller_cancelled_while_its_change_commits_learns_of_it_after(
     assert stored == {"first", "second"}
 
 
-async def test_a_change_nobody_waits_for_still_commits(store: Store, tmp_path: Path) -> None:
+async def test_the_lifecycle_updates_reach_the_database(store: Store, tmp_path: Path) -> None:
     await reserve(store, "p1")
     await store.mark_submitted("p1", "up-1")
-    await store.mark_processing("p1")  # returns before its commit
+    await store.mark_processing("p1")
     db = tmp_path / "gateway.db"
     for _ in range(100):
         if committed(db, "SELECT state FROM tasks WHERE id = 'p1'") == [("processing",)]:

@@ -133,18 +133,24 @@ class DeferredStreamHandler(logging.StreamHandler[TextIO]):
 
     def _write(self, records: list[logging.LogRecord | Event]) -> None:
         formatter = self.formatter
+        lines: list[str] = []
         for record in records:
             try:
                 if isinstance(record, Event):
                     assert isinstance(formatter, JsonFormatter | TextFormatter)
-                    line = formatter.format_event(record)
+                    lines.append(formatter.format_event(record))
                 else:
-                    line = self.format(record)
-                self.stream.write(line + self.terminator)
+                    lines.append(self.format(record))
             except Exception:
                 if isinstance(record, logging.LogRecord):
                     self.handleError(record)
+        if not lines:
+            return
+        # One write for the whole turn: sys.stderr writes through, so a write
+        # per line was a system call per line.
+        lines.append("")
         try:
+            self.stream.write(self.terminator.join(lines))
             self.stream.flush()
         except (OSError, ValueError):  # the stream is gone (shutdown): nothing to do
             pass

@@ -458,8 +458,7 @@ class Store:
             raise RuntimeError("store is not open")
         return self._reader
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[_Connection]:
+    def _transaction(self) -> _Change:
         """One atomic change, made durable together with the changes around it.
 
         Group commit: changes share one write transaction, each inside its own
@@ -473,36 +472,7 @@ class Store:
         brings no new change, at most 2 ms after the first. The caller returns
         only once its change is committed.
         """
-        async with self._exclusive():
-            db = self._w
-            commit_now = False
-            if self._group is None:
-                await self._begin()
-                loop = asyncio.get_running_loop()
-                self._group = loop.create_future()
-                self._group_changes = 0
-                self._group_opened = now = time.monotonic()
-                # Nobody else has written lately: waiting a turn for company
-                # would cost this caller two turns of the loop for nothing.
-                commit_now = now - self._last_change >= COMMIT_AT_ONCE_AFTER_IDLE_SECONDS
-                if not commit_now:
-                    loop.call_soon(self._commit_group, self._group, 1)
-            group = self._group
-            self._group_changes += 1
-            self._last_change = time.monotonic()
-            db.run("SAVEPOINT change")
-            try:
-                yield db
-            except BaseException:
-                db.run("ROLLBACK TO change")
-                db.run("RELEASE change")
-                raise
-            else:
-                db.run("RELEASE change")
-            finally:
-                if commit_now:
-                    self._commit(group)
-        await _committed(group)
+        return _Change(self)
 
     @asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:
@@ -515,13 +485,45 @@ class Store:
         drained: one change per turn, one change per group commit. When the gate
         opens, every waiter goes through in the same turn.
         """
-        while not self._gate.is_set():
-            await self._gate.wait()
-        self._gate.clear()
+        await self._close_gate()
         try:
             yield
         finally:
             self._gate.set()
+
+    async def _close_gate(self) -> None:
+        while not self._gate.is_set():
+            await self._gate.wait()
+        self._gate.clear()
+
+    async def _open_change(self) -> tuple[asyncio.Future[None], bool]:
+        """Start a change (the caller holds the gate): join the open group or begin one.
+
+        Returns the group and whether this change must commit it as soon as it
+        is made; see _transaction().
+        """
+        commit_now = False
+        if self._group is None:
+            await self._begin()
+            loop = asyncio.get_running_loop()
+            self._group = loop.create_future()
+            self._group_changes = 0
+            self._group_opened = now = time.monotonic()
+            # Nobody else has written lately: waiting a turn for company
+            # would cost this caller two turns of the loop for nothing.
+            commit_now = now - self._last_change >= COMMIT_AT_ONCE_AFTER_IDLE_SECONDS
+            if not commit_now:
+                loop.call_soon(self._commit_group, self._group, 1)
+        group = self._group
+        self._group_changes += 1
+        self._last_change = time.monotonic()
+        try:
+            self._w.run("SAVEPOINT change")
+        except BaseException:
+            if commit_now:
+                self._commit(group)
+            raise
+        return group, commit_now
 
     def _commit_group(self, group: asyncio.Future[None], seen: int) -> None:
         """Commit once a turn of the loop brought no new change (or the group is old).
@@ -565,7 +567,7 @@ class Store:
         deadline = time.monotonic() + WRITE_LOCK_TIMEOUT_SECONDS
         while True:
             try:
-                await self._w.execute("BEGIN IMMEDIATE")
+                self._w.run("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
                 # Another connection writes (a RESTART checkpoint, another
@@ -957,6 +959,49 @@ class Store:
                 "updated_ms = ? WHERE id = ? AND state = 'pending'",
                 (state, attempts, next_attempt_ms, error, now_ms, item_id),
             )
+
+
+class _Change:
+    """The context manager behind Store._transaction(), written out as a class.
+
+    It runs twice on every submit; the generator machinery of
+    @asynccontextmanager cost more than the bookkeeping it wraps.
+    """
+
+    __slots__ = ("_commit_now", "_group", "_store")
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._group: asyncio.Future[None] | None = None
+        self._commit_now = False
+
+    async def __aenter__(self) -> _Connection:
+        store = self._store
+        await store._close_gate()
+        try:
+            self._group, self._commit_now = await store._open_change()
+        except BaseException:
+            store._gate.set()
+            raise
+        return store._w
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        store = self._store
+        group = self._group
+        assert group is not None
+        try:
+            db = store._w
+            if exc_type is not None:
+                db.run("ROLLBACK TO change")
+            db.run("RELEASE change")
+        finally:
+            if self._commit_now:
+                store._commit(group)
+            store._gate.set()
+        if exc_type is None:
+            await _committed(group)
 
 
 async def _committed(group: asyncio.Future[None]) -> None:

@@ -9,9 +9,24 @@ import sys
 import time
 from typing import Any, TextIO
 
+import orjson
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 # One encoder for every line: json.dumps with options builds a new one per call.
-_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
+_stdlib_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+
+def _encode(value: Any) -> str:
+    """A log line's JSON: orjson, about a fifth of the stdlib encoder's cost.
+
+    The request line is written for every request, and encoding it was most of
+    its cost: about a tenth of a status poll. The stdlib encoder takes what
+    orjson refuses (an int beyond 64 bits, a string that is not valid UTF-8).
+    """
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return _stdlib_encode(value)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:

@@ -46,6 +46,8 @@ log = logging.getLogger("gateway.core")
 VIEW_CACHE_ENTRIES = 100_000
 # Encoded statusTask answers of final tasks (about 1 KB each), which never change.
 STATUS_BODY_ENTRIES = 10_000
+# json.dumps with an option builds a new encoder on every call; a submit encodes one body.
+_encode_request = json.JSONEncoder(ensure_ascii=False).encode
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ class Gateway:
         return TaskRecord(
             id=new_task_id(), team=team.name, model=sub.model, identity=identity,
             state=state, cache=cache, leader_id=leader_id, upstream_id=None,
-            request_json=json.dumps(body, ensure_ascii=False), result_json=result_json,
+            request_json=_encode_request(body), result_json=result_json,
             fail_code=None, fail_msg=None, create_ms=created, complete_ms=complete_ms,
             price_micros=price, reserved_micros=price if reserve else 0, charged_micros=0,
             saved_micros=price * images if cache == "hit" else 0, images=images,

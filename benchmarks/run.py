@@ -73,7 +73,7 @@ class Plan:
     # every size (the 10^4 database has 2,500 of the bench team's), so the share of
     # polls answered from memory vs from SQLite is the same and only the size differs.
     scale_status_ids: int = 2_500
-    scale_rounds: int = 2
+    scale_rounds: int = 3
     seed_cache: Path | None = RESULTS / "seed-cache"
 
 

@@ -165,10 +165,27 @@ class DeferredStreamHandler(logging.StreamHandler[TextIO]):
         # per line was a system call per line.
         lines.append("")
         try:
-            self.stream.write(self.terminator.join(lines))
+            try:
+                self.stream.write(self.terminator.join(lines))
+            except UnicodeEncodeError:
+                # A strict stream that cannot encode one line (a lone surrogate
+                # from a client) must not lose the turn's other lines.
+                for line in lines[:-1]:
+                    self._write_line(line)
             self.stream.flush()
         except (OSError, ValueError):  # the stream is gone (shutdown): nothing to do
             pass
+
+
+    def _write_line(self, line: str) -> None:
+        try:
+            self.stream.write(line + self.terminator)
+        except UnicodeEncodeError:
+            # "?" for what the stream cannot hold keeps the line valid JSON.
+            encoding = getattr(self.stream, "encoding", None) or "ascii"
+            self.stream.write(
+                line.encode(encoding, "replace").decode(encoding) + self.terminator
+            )
 
 
 def log_event(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:

@@ -997,9 +997,11 @@ class _Change:
                 db.run("ROLLBACK TO change")
             db.run("RELEASE change")
         finally:
-            if self._commit_now:
-                store._commit(group)
-            store._gate.set()
+            try:
+                if self._commit_now:
+                    store._commit(group)
+            finally:
+                store._gate.set()
         if exc_type is None:
             await _committed(group)
 

@@ -77,7 +77,11 @@ class Upstream:
         if url is None:
             if len(self._urls) >= MAX_CACHED_URLS:
                 self._urls.clear()
-            url = self._urls[path] = URL(self._base + path)
+            try:
+                url = URL(self._base + path)
+            except ValueError as exc:  # a malformed base_url: what aiohttp raises for it
+                raise aiohttp.InvalidURL(self._base + path) from exc
+            self._urls[path] = url
         return url
 
     async def _call(

@@ -4,12 +4,14 @@ change, request ids, and what must never be written (keys; prompts unless config
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from typing import Any
 
 import aiohttp
 
+from gateway.logs import DeferredStreamHandler, Event, JsonFormatter
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY, Client, GatewayProcess, t2i, team
 
 PROMPT = "a lighthouse keeper's secret diary, page 7f3e"
@@ -196,3 +198,20 @@ async def test_text_format_is_for_people(gateways: Any, http: aiohttp.ClientSess
         assert field in request[0], field
     assert any("task final" in line and "state=success" in line for line in lines)
     assert "key-alpha" not in "\n".join(lines)
+
+
+def test_a_line_the_stream_cannot_encode_loses_no_other_line() -> None:
+    """A turn's lines go out in one write; one bad line must not take the rest with it."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    handler = DeferredStreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler._write([
+        Event(1.0, "INFO", "gateway", "first", {"prompt": "café"}),
+        Event(1.0, "INFO", "gateway", "lone surrogate", {"prompt": "\ud800"}),
+        Event(1.0, "INFO", "gateway", "last", {}),
+    ])
+    lines = [json.loads(line) for line in raw.getvalue().decode("utf-8").splitlines()]
+    assert [line["msg"] for line in lines] == ["first", "lone surrogate", "last"]
+    assert lines[0]["prompt"] == "café"
+    assert lines[1]["prompt"] == "?"

@@ -12,6 +12,9 @@ from typing import Any
 
 import aiohttp
 
+from gateway.errors import APIError
+from gateway.metrics import Metrics
+from gateway.upstream import Upstream
 from tests.conftest import Client, SimulatorProcess, t2i, team
 
 BUDGET = 1.0
@@ -194,3 +197,19 @@ async def test_upstream_that_never_answers_times_out_into_502(
         assert b"key-alpha" not in seen[0]
         assert 0.6 <= elapsed < 5, elapsed
         await assert_nothing_held(alpha)
+
+
+async def test_a_malformed_upstream_url_is_an_upstream_error_not_a_crash() -> None:
+    """A base URL that parses as no URL at all (port 99999) fails each call as a 502."""
+    async with aiohttp.ClientSession() as session:
+        upstream = Upstream(
+            session, base_url="http://127.0.0.1:99999/api/v1", api_key="k",
+            timeout_seconds=1, max_retries=0, metrics=Metrics(),
+        )
+        try:
+            await upstream.submit("grok-image", "{}")
+        except APIError as exc:
+            assert exc.code == 502
+            assert "InvalidURL" in exc.error
+        else:
+            raise AssertionError("a malformed URL was called")

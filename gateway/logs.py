@@ -176,7 +176,6 @@ class DeferredStreamHandler(logging.StreamHandler[TextIO]):
         except (OSError, ValueError):  # the stream is gone (shutdown): nothing to do
             pass
 
-
     def _write_line(self, line: str) -> None:
         try:
             self.stream.write(line + self.terminator)

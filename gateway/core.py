@@ -168,9 +168,11 @@ class Gateway:
                 self.metrics.images.labels(team, model).inc(images)
             elif kind == "saving":
                 self.metrics.saved.add(team, model, amount)
-        for task in await self.store.active_tasks():
-            if task.leader_id is not None:
-                continue
+        leaders = [t for t in await self.store.active_tasks() if t.leader_id is None]
+        # Settled before any lease is restored: finishing a task releases a
+        # lease, and these never got theirs back, so releasing first would take
+        # slots from the tasks still running upstream.
+        for task in leaders:
             if task.upstream_id is None:
                 # It may or may not have reached upstream; we never resubmit,
                 # so the team gets its reservation back.
@@ -178,6 +180,11 @@ class Gateway:
                     "failed", now_ms(), fail_code="GatewayRestart",
                     fail_msg="The gateway restarted before APIXO accepted the task",
                 ))
+                # The client never got an answer: its retry with the same
+                # Idempotency-Key must try again, not replay this failure.
+                await self.store.forget_idempotency(task.id)
+        for task in leaders:
+            if task.upstream_id is None:
                 continue
             self.limits.restore(task.team, 1)
             if task.cache == "miss" and self.config.cache.enabled:

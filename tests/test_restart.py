@@ -104,6 +104,58 @@ async def test_kill9_before_upstream_accepted_refunds_and_never_resubmits(
     assert stats["submit_attempts"] == 0 and stats["status_polls"] == 0  # not resubmitted
 
 
+async def test_kill9_mid_submit_leaves_running_tasks_their_concurrency_slots(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", max_concurrent=2)], upstream={"max_retries": 8})
+    alpha = Client(http, gw.url, "key-alpha")
+    running = await alpha.submit_ok(t2i("[latency:30] still running upstream"))
+    await sim.faults(submit_errors=[503] * 8)
+    caught = asyncio.create_task(alpha.submit(t2i("caught mid-submit")))
+    await wait_for_attempts(sim, 3)
+    gw.kill9()
+    with pytest.raises(aiohttp.ClientError):
+        await caught
+    async with http.post(sim.root + "/_sim/reset") as r:
+        assert r.status == 200
+    gw.start()
+    # The task refunded at startup held no slot in the new process; the one
+    # still running upstream holds one of the two.
+    row = next(r for r in (await alpha.admin("/admin/teams"))["teams"] if r["name"] == "alpha")
+    assert row["in_flight"] == 1, row
+    code, reply = await alpha.status(running)
+    assert code == 200 and reply["data"]["state"] in ("pending", "processing"), reply
+    await alpha.submit_ok(t2i("[latency:30] the second slot"))
+    code, body, _ = await alpha.submit(t2i("[latency:30] one too many"))
+    assert code == 429 and "max_concurrent is 2" in body["data"]["error"], body
+
+
+async def test_kill9_mid_submit_lets_the_idempotent_retry_submit_again(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET)], upstream={"max_retries": 8})
+    alpha = Client(http, gw.url, "key-alpha")
+    headers = {"Idempotency-Key": "order-17"}
+    await sim.faults(submit_errors=[503] * 8)
+    caught = asyncio.create_task(alpha.submit(t2i("caught mid-submit"), headers=headers))
+    await wait_for_attempts(sim, 2)
+    gw.kill9()
+    with pytest.raises(aiohttp.ClientError):
+        await caught
+    async with http.post(sim.root + "/_sim/reset") as r:
+        assert r.status == 200
+    gw.start()
+    # The client never had an answer, so its retry is a new attempt, not a
+    # replay of the task the restart failed.
+    code, body, reply_headers = await alpha.submit(t2i("caught mid-submit"), headers=headers)
+    assert code == 200, body
+    assert "X-Gateway-Idempotent-Replay" not in reply_headers
+    data = await alpha.wait_final(body["data"]["taskId"])
+    assert data["state"] == "success", data
+    assert (await sim.stats())["submits"] == 1
+    assert round(await alpha.balance(), 6) == BUDGET - PRICE
+
+
 async def test_sigterm_finishes_the_request_in_flight_exits_0_and_resumes(
     gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
 ) -> None:

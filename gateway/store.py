@@ -334,6 +334,10 @@ class _Connection:
     def run(self, sql: str) -> None:
         self._conn.execute(sql)
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
     async def close(self) -> None:
         self._conn.close()
 
@@ -503,6 +507,8 @@ class Store:
         is made; see _transaction().
         """
         commit_now = False
+        if self._group is not None and not self._w.in_transaction:
+            self._fail_group(self._group, None)  # rolled back under it
         if self._group is None:
             await self._begin()
             loop = asyncio.get_running_loop()
@@ -517,12 +523,11 @@ class Store:
         group = self._group
         self._group_changes += 1
         self._last_change = time.monotonic()
-        try:
-            self._w.run("SAVEPOINT change")
-        except BaseException:
-            if commit_now:
-                self._commit(group)
-            raise
+        if commit_now:
+            # Alone in its transaction: a failure rolls the transaction back,
+            # so the savepoint (two statements on the lone submit's path) is not needed.
+            return group, commit_now
+        self._w.run("SAVEPOINT change")
         return group, commit_now
 
     def _commit_group(self, group: asyncio.Future[None], seen: int) -> None:
@@ -549,6 +554,28 @@ class Store:
         """Commit the open group now (the caller holds the gate)."""
         if self._group is not None:
             self._commit(self._group)
+
+    def _fail_group(self, group: asyncio.Future[None], exc: BaseException | None) -> None:
+        """Tell every change of a group SQLite rolled back that it did not happen."""
+        if self._group is group:
+            self._group = None
+        if not group.done():
+            group.set_exception(sqlite3.OperationalError(
+                f"the transaction was rolled back by an error in another change: {exc!r}"
+            ))
+            # Its waiters, if any, get the error; with none the failing change's
+            # own exception already says it, so no "never retrieved" noise.
+            group.exception()
+
+    def _abandon(self, group: asyncio.Future[None]) -> None:
+        """Roll back a group whose only change failed; nobody else waits on it."""
+        self._group = None
+        try:
+            # Some errors (a full disk) make SQLite roll back by itself.
+            if self._w.in_transaction:
+                self._w.run("ROLLBACK")
+        finally:
+            group.set_result(None)
 
     def _commit(self, group: asyncio.Future[None]) -> None:
         self._group = None
@@ -992,16 +1019,22 @@ class _Change:
         group = self._group
         assert group is not None
         try:
-            db = store._w
-            if exc_type is not None:
-                db.run("ROLLBACK TO change")
-            db.run("RELEASE change")
-        finally:
-            try:
-                if self._commit_now:
+            if self._commit_now:
+                if exc_type is None:
                     store._commit(group)
-            finally:
-                store._gate.set()
+                else:
+                    store._abandon(group)
+            elif exc_type is None:
+                store._w.run("RELEASE change")
+            elif store._w.in_transaction:
+                store._w.run("ROLLBACK TO change")
+                store._w.run("RELEASE change")
+            else:
+                # SQLite rolled the whole transaction back (a full disk, an I/O
+                # error): the changes made before this one are gone too.
+                store._fail_group(group, exc)
+        finally:
+            store._gate.set()
         if exc_type is None:
             await _committed(group)
 

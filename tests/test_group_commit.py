@@ -79,6 +79,37 @@ async def test_concurrent_changes_all_commit_and_a_failing_one_rolls_back_alone(
     assert sorted(r[0] for r in ledger) == sorted(stored)
 
 
+async def test_a_change_that_makes_sqlite_roll_back_everything_fails_its_whole_group(
+    store: Store, tmp_path: Path
+) -> None:
+    # A full disk (here: max_page_count) makes SQLite roll back the whole
+    # transaction, not just the failing change. Every caller must then be told
+    # exactly what is in the database: committed if and only if its row is there.
+    db = store._w  # the test fills the disk through the writer connection itself
+    db.run("CREATE TABLE t (name TEXT, blob BLOB)")
+    async with db.execute("PRAGMA page_count") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    db.run(f"PRAGMA max_page_count={row[0] + 20}")
+
+    async def change(name: str, size: int) -> bool:
+        try:
+            async with store._transaction() as tx:
+                await tx.execute("INSERT INTO t VALUES (?, ?)", (name, b"x" * size))
+        except sqlite3.Error:
+            return False
+        return True
+
+    told = {"W": await change("W", 10)}
+    results = await asyncio.gather(change("A", 10), change("B", 400_000), change("C", 10))
+    told.update(zip("ABC", results, strict=True))
+    told["D"] = await change("D", 10)  # the store keeps working afterwards
+    rows = {name for (name,) in committed(tmp_path / "gateway.db", "SELECT name FROM t")}
+    assert told["B"] is False
+    assert told["W"] and told["D"], told
+    assert {name for name, ok in told.items() if ok} == rows, (told, rows)
+
+
 async def test_budget_checks_in_one_group_see_each_others_reservations(
     store: Store, tmp_path: Path
 ) -> None:

@@ -46,6 +46,8 @@ log = logging.getLogger("gateway.core")
 VIEW_CACHE_ENTRIES = 100_000
 # Encoded statusTask answers of final tasks (about 1 KB each), which never change.
 STATUS_BODY_ENTRIES = 10_000
+# Refusals that leave the submit out of the team's requests_per_minute: it did no work.
+REFUNDED_REFUSALS = frozenset({"budget", "concurrency", "busy"})
 # json.dumps with an option builds a new encoder on every call; a submit encodes one body.
 _encode_request = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -241,7 +243,15 @@ class Gateway:
                 self._idempotency_locks[(team, key)] = (lock, users - 1)
 
     async def _submit(self, team: TeamConfig, sub: Submission, opts: SubmitOptions) -> Submitted:
-        self.limits.check_rate(team)
+        stamp = self.limits.check_rate(team)
+        try:
+            return await self._decide(team, sub, opts)
+        except APIError as exc:
+            if exc.reason in REFUNDED_REFUSALS:
+                self.limits.refund_rate(team.name, stamp)
+            raise
+
+    async def _decide(self, team: TeamConfig, sub: Submission, opts: SubmitOptions) -> Submitted:
         identity = request_identity(sub.model, sub.input, sub.provider)
         if not self.config.cache.enabled or opts.no_cache:
             return await self._lead(team, sub, opts, identity, "bypass", None, None)

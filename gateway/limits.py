@@ -42,11 +42,15 @@ class Limits:
     def in_flight(self, team: str) -> int:
         return self._team.get(team, 0)
 
-    def check_rate(self, team: TeamConfig, now: float | None = None) -> None:
-        """Count one submit in the team's sliding minute, or refuse it."""
+    def check_rate(self, team: TeamConfig, now: float | None = None) -> float | None:
+        """Count one submit in the team's sliding minute, or refuse it.
+
+        Returns the submit's place in the window (None without a limit), for
+        refund_rate() if the submit is then refused for another reason.
+        """
         limit = team.requests_per_minute
         if limit is None:
-            return
+            return None
         now = time.monotonic() if now is None else now
         window = self._windows[team.name]
         while window and window[0] <= now - RATE_WINDOW_SECONDS:
@@ -58,6 +62,19 @@ class Limits:
                 "rate_limit", retry,
             )
         window.append(now)
+        return now
+
+    def refund_rate(self, team: str, stamp: float | None) -> None:
+        """Take back a submit refused by its budget or a concurrency limit.
+
+        It did no work, and a client that honours that refusal's Retry-After
+        must not find its minute used up by the refusals themselves.
+        """
+        if stamp is None:
+            return
+        window = self._windows.get(team)
+        if window is not None and stamp in window:
+            window.remove(stamp)
 
     def acquire(self, team: TeamConfig, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

@@ -124,6 +124,24 @@ async def test_max_concurrent_counts_upstream_tasks_until_they_are_final(
     assert (await client.submit(t2i("a slot is free")))[0] == 200
 
 
+async def test_submits_refused_for_concurrency_do_not_use_up_the_rate_limit(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    gw = gateways(teams=[team("alpha", max_concurrent=1, requests_per_minute=2)])
+    client = Client(http, gw.url, "key-alpha")
+    first = await client.submit_ok(t2i("first [latency:1]"))
+    # A client honouring Retry-After keeps asking while the slot is taken.
+    for _ in range(3):
+        code, body, _ = await client.submit(t2i("waits for the slot"))
+        assert code == 429 and "max_concurrent is 1" in body["data"]["error"], body
+    await client.wait_final(first)
+    await wait_quiet(http, gw.url, "alpha", gw.db)
+    # The refusals did no work: the minute still has room for the second submit.
+    await client.submit_ok(t2i("waits for the slot"))
+    code, body, _ = await client.submit(t2i("a third in the minute"))
+    assert code == 429 and "2 requests per minute" in body["data"]["error"], body
+
+
 async def test_retry_after_is_computed_from_current_state(
     gateways: Any, http: aiohttp.ClientSession
 ) -> None:

@@ -32,7 +32,9 @@ def invalid(error: str) -> APIError:
 
 
 def _validate_grok_image(raw: dict[str, Any]) -> dict[str, Any]:
-    data = dict(raw)
+    # Clients that serialise unset fields as null mean "not given": the
+    # default applies, and the request's identity is that of leaving it out.
+    data = {key: value for key, value in raw.items() if value is not None}
     mode = data.get("mode")
     if mode is None:
         raise invalid("Missing required field: input.mode")
@@ -78,10 +80,15 @@ def _validate_grok_image(raw: dict[str, Any]) -> dict[str, Any]:
 _MODEL_RULES = {"grok-image": _validate_grok_image}
 
 
+def _or_default(value: Any, default: str) -> Any:
+    return default if value is None else value
+
+
 def validate_submit(model: str, body: Any) -> Submission:
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object")
-    request_type = body.get("request_type", "async")
+    # An explicit null is the same as leaving the field out (see _validate_grok_image).
+    request_type = _or_default(body.get("request_type"), "async")
     if request_type not in REQUEST_TYPES:
         raise invalid(
             f"request_type must be one of {', '.join(REQUEST_TYPES)}, got {request_type!r}"
@@ -93,7 +100,7 @@ def validate_submit(model: str, body: Any) -> Submission:
         raise invalid(
             "Missing required field: callback_url (required when request_type is callback)"
         )
-    provider = body.get("provider", "auto")
+    provider = _or_default(body.get("provider"), "auto")
     if not isinstance(provider, str) or not provider.strip():
         raise invalid("provider must be a non-empty string")
     raw_input = body.get("input")

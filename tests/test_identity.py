@@ -52,6 +52,17 @@ def test_provider_is_part_of_identity_with_auto_as_default() -> None:
     assert identity_of({**t2i("a red fox"), "provider": "official"}) != omitted
 
 
+def test_explicit_null_optional_fields_equal_omitted() -> None:
+    # Many clients serialise unset fields as null; that means "not given".
+    omitted = identity_of(t2i("a red fox"))
+    nulls = {**t2i("a red fox", aspect_ratio=None, image_urls=None),
+             "request_type": None, "provider": None}
+    assert identity_of(nulls) == omitted
+    sub = validate_submit("grok-image", nulls)
+    assert sub.input == {"mode": "text-to-image", "prompt": "a red fox", "aspect_ratio": "1:1"}
+    assert (sub.request_type, sub.provider) == ("async", "auto")
+
+
 def test_request_type_and_callback_url_are_not_part_of_identity() -> None:
     plain = identity_of(t2i("a red fox"))
     callback = {**t2i("a red fox"), "request_type": "callback",

@@ -182,6 +182,12 @@ async def test_every_listed_aspect_ratio_and_single_reference_image_pass(
         sim, client, {"input": {"mode": "text-to-image", "prompt": "no request_type"}}
     )
     assert forwarded["prompt"] == "no request_type"
+    # An explicit null for an optional field is the same as leaving it out.
+    forwarded = await forwarded_input(sim, client, {
+        "request_type": None, "provider": None,
+        "input": {"mode": "text-to-image", "prompt": "nulls", "aspect_ratio": None},
+    })
+    assert forwarded == {"mode": "text-to-image", "prompt": "nulls", "aspect_ratio": "1:1"}
 
 
 async def test_body_of_exactly_max_body_bytes_is_accepted_one_more_is_413(

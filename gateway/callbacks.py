@@ -37,7 +37,12 @@ from gateway.tasks import now_ms, status_envelope
 
 log = logging.getLogger("gateway.callbacks")
 
-ATTEMPT_TIMEOUT_SECONDS = 10.0
+# APIXO gives a receiver 30 s to answer; one written for APIXO must not see
+# its slow-but-valid answers counted as failures and delivered again.
+ATTEMPT_TIMEOUT_SECONDS = 30.0
+# At shutdown an attempt gets at most this long; one cut short is not recorded,
+# so its row stays pending and the next start delivers it again.
+SHUTDOWN_GRACE_SECONDS = 5.0
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 300.0
 RESOLVE_TIMEOUT_SECONDS = 5.0
@@ -262,14 +267,15 @@ class Callbacks:
             self._runner = asyncio.create_task(self._run(), name="callbacks-outbox")
 
     async def stop(self) -> None:
-        """Stop sending; attempts under way get their timeout to finish and be recorded."""
+        """Stop sending; attempts under way get a short grace to finish and be recorded."""
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
         inflight = list(self._inflight.values())
         if inflight:
-            _, late = await asyncio.wait(inflight, timeout=self._timeout + 1)
+            grace = min(self._timeout + 1, SHUTDOWN_GRACE_SECONDS)
+            _, late = await asyncio.wait(inflight, timeout=grace)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)

@@ -18,12 +18,18 @@ async def metrics(request: web.Request) -> web.Response:
     registry = request.app[METRICS]
     # Budget gauges are read from the ledger at scrape time, so they are exact
     # at every scrape without a database read on the submit path.
-    for team in gateway.config.teams:
-        if team.budget is None:
-            continue
-        view = await gateway.budgets.view(team)
-        registry.budget.labels(team.name).set(micros_to_usd(team.budget))
-        registry.budget_remaining.labels(team.name).set(micros_to_usd(view.remaining or 0))
+    budgets = [
+        (team.name, team.budget, await gateway.budgets.view(team))
+        for team in gateway.config.teams if team.budget is not None
+    ]
+    # Rebuilt whole, with no await in between: a team whose budget a reload
+    # removed (or the team itself) must drop out, or its last values would
+    # keep the budget alerts firing after the operator lifted the limit.
+    registry.budget.clear()
+    registry.budget_remaining.clear()
+    for name, budget, view in budgets:
+        registry.budget.labels(name).set(micros_to_usd(budget))
+        registry.budget_remaining.labels(name).set(micros_to_usd(view.remaining or 0))
     body = generate_latest(registry.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

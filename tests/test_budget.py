@@ -303,6 +303,29 @@ async def test_burst_of_50_on_a_budget_for_5_accepts_exactly_5(
     assert samples[("apixo_gateway_budget_remaining_usd", "team=alpha")] == 0
 
 
+async def test_a_budget_removed_by_reload_leaves_the_budget_metrics(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    gw = gateways(teams=[team("alpha", budget_usd=1.0), team("beta", budget_usd=2.0)])
+    samples = await metric_samples(http, gw.url)
+    assert samples[("apixo_gateway_budget_usd", "team=alpha")] == 1.0
+    assert samples[("apixo_gateway_budget_remaining_usd", "team=alpha")] == 1.0
+    # The operator lifts alpha's limit: its budget series must go, or the
+    # "budget used up" alert would keep firing on the last value.
+    del gw.config["teams"][0]["budget_usd"]
+    gw.write_config()
+    gw.hup()
+
+    async def lifted() -> bool:
+        return (await admin_team(http, gw.url, "alpha"))["budget_usd"] is None
+
+    await until(lifted)
+    samples = await metric_samples(http, gw.url)
+    assert ("apixo_gateway_budget_usd", "team=alpha") not in samples
+    assert ("apixo_gateway_budget_remaining_usd", "team=alpha") not in samples
+    assert samples[("apixo_gateway_budget_usd", "team=beta")] == 2.0
+
+
 async def test_402_states_budget_spent_reserved_and_remaining(
     gateways: Any, http: aiohttp.ClientSession
 ) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
@@ -604,8 +605,20 @@ class Store:
             await asyncio.sleep(0.001)
 
     async def ping(self) -> None:
-        async with self._r.execute("SELECT 1") as cur:
-            await cur.fetchone()
+        """Raise unless the database file is where it was opened and can be read.
+
+        SELECT 1 never touches the file; the schema row does. A file deleted
+        under the process would still answer through the open handles, and
+        every write would go to a file nobody will ever open again.
+        """
+        if not await asyncio.to_thread(os.path.exists, self.path):
+            raise FileNotFoundError(f"the database file {self.path} is gone")
+        async with self._r.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise RuntimeError(f"the database {self.path} has no schema version")
 
     # -- money ----------------------------------------------------------
 

@@ -199,6 +199,14 @@ async def test_health_and_readiness(gateways: Any, http: aiohttp.ClientSession) 
     gw.start()  # the same database file, reopened
     async with http.get(gw.url + "/readyz") as r:
         assert r.status == 200
+    # A database file deleted under the running process is not usable: every
+    # write would go to a file no restart will find.
+    gw.db.rename(gw.db.with_name("moved-away.db"))
+    async with http.get(gw.url + "/readyz") as r:
+        assert r.status == 503
+        assert "gone" in (await r.json())["error"]
+    async with http.get(gw.url + "/healthz") as r:
+        assert r.status == 200  # the process itself still runs
 
 
 async def test_kill9_with_joined_tasks_settles_every_follower_once(

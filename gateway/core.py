@@ -383,9 +383,15 @@ class Gateway:
             why = exc.error if isinstance(exc, APIError) else f"submit interrupted: {exc!r}"
             if flight is not None and key is not None and isinstance(exc, APIError):
                 self.flights.abort(key, flight, refusal=exc)
-            await asyncio.shield(self.finish(task.id, Outcome(
-                "failed", now_ms(), fail_code="UpstreamRejected", fail_msg=why,
-            )))
+            refused = Outcome("failed", now_ms(), fail_code="UpstreamRejected", fail_msg=why)
+            try:
+                await asyncio.shield(self.finish(task.id, refused))
+            except Exception:
+                # A failed write (disk full) must not leave the reservation and
+                # the lease held until a restart, nor hide the client's error.
+                log.exception("settling a refused submit failed; retrying",
+                              extra={"task_id": task.id})
+                self.tracker.settle_later(task, refused)
             # The client got an error, so a retry with the same Idempotency-Key
             # must try again rather than replay a task that never existed upstream.
             if opts.idempotency_key is not None:

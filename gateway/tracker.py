@@ -91,6 +91,18 @@ class Tracker:
         self._watch[task.id] = (tuple(task), deadline, task.state == "processing")
         self._schedule(task.id, min(task.create_ms / 1000 + cfg.first_poll_seconds, deadline))
 
+    def settle_later(self, task: TaskRecord, outcome: Outcome) -> None:
+        """Keep trying to record an outcome whose first write failed (see _settle).
+
+        Until it is recorded the task holds its reservation and its lease; a
+        stop leaves it to the next start, which settles unaccepted tasks.
+        """
+        if task.id in self._polls:
+            return
+        settle = asyncio.create_task(self._settle(task, outcome), name=f"settle-{task.id}")
+        self._polls[task.id] = settle
+        settle.add_done_callback(functools.partial(self._poll_done, task.id))
+
     async def stop(self) -> None:
         """Stop polling; tasks stay in the database and resume on next start."""
         if self._timer is not None:

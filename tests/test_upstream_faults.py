@@ -7,6 +7,7 @@ gateway sees real HTTP errors and dropped connections.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from gateway.errors import APIError
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
 from tests.conftest import Client, SimulatorProcess, t2i, team
+from tests.test_restart import wait_for_attempts
 
 BUDGET = 1.0
 
@@ -68,6 +70,36 @@ async def test_submit_still_failing_after_max_retries_is_502_and_refunded(
     code, body, _ = await alpha.submit(t2i("upstream is back"))
     assert code == 200, body
     assert (await alpha.wait_final(body["data"]["taskId"]))["state"] == "success"
+
+
+async def test_a_refusal_whose_refund_cannot_be_written_yet_is_refunded_later(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways([team("alpha", budget_usd=BUDGET, max_concurrent=1)],
+                  upstream={"max_retries": 2, "poll_interval_seconds": 0.2})
+    alpha = Client(http, gw.url, "key-alpha")
+    await sim.faults(submit_errors=[503, 503, 503])
+    submit = asyncio.create_task(alpha.submit(t2i("refused while the database is locked")))
+    await wait_for_attempts(sim, 1)
+    # Another process holds the write lock while upstream refuses, so the
+    # refund's first write fails (after the store's 5 s lock timeout).
+    locker = sqlite3.connect(gw.db, isolation_level=None, timeout=10)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        code, body, _ = await submit
+        # The client still learns what upstream said, not that a write failed.
+        assert code == 502 and "3 attempts" in body["data"]["error"], body
+        locker.execute("ROLLBACK")
+    finally:
+        locker.close()
+    deadline = time.monotonic() + 10
+    while (await alpha.balance()) != BUDGET:
+        assert time.monotonic() < deadline, "the reservation was never released"
+        await asyncio.sleep(0.1)
+    await assert_nothing_held(alpha)
+    # ... and the lease came back with it: max_concurrent = 1 lets the next one in.
+    code, body, _ = await alpha.submit(t2i("after the lock"))
+    assert code == 200, body
 
 
 async def test_upstream_400_passes_through_and_is_not_retried(

@@ -42,6 +42,27 @@ async def wait_for_attempts(sim: SimulatorProcess, n: int) -> None:
             await asyncio.sleep(0.02)
 
 
+async def kill9_mid_submit(
+    gw: Any, http: aiohttp.ClientSession, sim: SimulatorProcess, client: Client, prompt: str,
+    *, attempts: int, headers: dict[str, str] | None = None,
+) -> None:
+    """Kill the gateway while upstream keeps answering 503 to a submit, then start it again.
+
+    The gateway sits in its retry backoff with the money reserved and no
+    upstream id yet; the client's connection dies with the process, as it
+    would for a real client. The simulator forgets the remaining 503s first.
+    """
+    await sim.faults(submit_errors=[503] * 8)
+    caught = asyncio.create_task(client.submit(t2i(prompt), headers=headers))
+    await wait_for_attempts(sim, attempts)
+    gw.kill9()
+    with pytest.raises(aiohttp.ClientError):
+        await caught
+    async with http.post(sim.root + "/_sim/reset") as r:
+        assert r.status == 200
+    gw.start()
+
+
 async def test_kill9_with_tasks_in_flight_resumes_without_resubmitting(
     gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
 ) -> None:
@@ -80,19 +101,7 @@ async def test_kill9_before_upstream_accepted_refunds_and_never_resubmits(
     alpha = Client(http, gw.url, "key-alpha")
     # Upstream keeps answering 503, so the gateway sits in its retry backoff with
     # the money reserved and no upstream id yet when it is killed.
-    await sim.faults(submit_errors=[503] * 8)
-    submit = asyncio.create_task(alpha.submit(t2i("caught mid-submit")))
-    await wait_for_attempts(sim, 2)
-    gw.kill9()
-    try:
-        await submit
-    except aiohttp.ClientError:
-        pass  # the connection died with the process, as it would for a real client
-    else:
-        raise AssertionError("the submit answered although the gateway was killed mid-way")
-    async with http.post(sim.root + "/_sim/reset") as r:  # clears the remaining 503s
-        assert r.status == 200
-    gw.start()
+    await kill9_mid_submit(gw, http, sim, alpha, "caught mid-submit", attempts=2)
     tasks = (await alpha.admin("/admin/tasks", team="alpha"))["tasks"]
     assert len(tasks) == 1, tasks
     (task,) = tasks
@@ -110,15 +119,7 @@ async def test_kill9_mid_submit_leaves_running_tasks_their_concurrency_slots(
     gw = gateways([team("alpha", max_concurrent=2)], upstream={"max_retries": 8})
     alpha = Client(http, gw.url, "key-alpha")
     running = await alpha.submit_ok(t2i("[latency:30] still running upstream"))
-    await sim.faults(submit_errors=[503] * 8)
-    caught = asyncio.create_task(alpha.submit(t2i("caught mid-submit")))
-    await wait_for_attempts(sim, 3)
-    gw.kill9()
-    with pytest.raises(aiohttp.ClientError):
-        await caught
-    async with http.post(sim.root + "/_sim/reset") as r:
-        assert r.status == 200
-    gw.start()
+    await kill9_mid_submit(gw, http, sim, alpha, "caught mid-submit", attempts=3)
     # The task refunded at startup held no slot in the new process; the one
     # still running upstream holds one of the two.
     row = next(r for r in (await alpha.admin("/admin/teams"))["teams"] if r["name"] == "alpha")
@@ -136,15 +137,9 @@ async def test_kill9_mid_submit_lets_the_idempotent_retry_submit_again(
     gw = gateways([team("alpha", budget_usd=BUDGET)], upstream={"max_retries": 8})
     alpha = Client(http, gw.url, "key-alpha")
     headers = {"Idempotency-Key": "order-17"}
-    await sim.faults(submit_errors=[503] * 8)
-    caught = asyncio.create_task(alpha.submit(t2i("caught mid-submit"), headers=headers))
-    await wait_for_attempts(sim, 2)
-    gw.kill9()
-    with pytest.raises(aiohttp.ClientError):
-        await caught
-    async with http.post(sim.root + "/_sim/reset") as r:
-        assert r.status == 200
-    gw.start()
+    await kill9_mid_submit(
+        gw, http, sim, alpha, "caught mid-submit", attempts=2, headers=headers
+    )
     # The client never had an answer, so its retry is a new attempt, not a
     # replay of the task the restart failed.
     code, body, reply_headers = await alpha.submit(t2i("caught mid-submit"), headers=headers)

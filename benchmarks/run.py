@@ -171,6 +171,11 @@ def bare(workdir: Path, status_json: str) -> Server:
                            "--status-json", status_json], workdir, "/healthz")
 
 
+def passthrough(workdir: Path, upstream: str) -> Server:
+    return Server("passthrough", [sys.executable, str(HERE / "passthrough.py"), "--port",
+                                  "{port}", "--upstream", upstream], workdir, "/healthz")
+
+
 def gateway(workdir: Path, upstream: str, db: Path) -> Server:
     port = free_port()
     key_hash = hashlib.sha256(KEY.encode()).hexdigest()
@@ -351,6 +356,10 @@ class Bench:
     def submit_miss(self) -> list[dict[str, Any]]:
         """Cache-miss submits through the gateway vs the same submits straight to the simulator.
 
+        A pass-through aiohttp proxy runs alongside as a second baseline: the
+        part of the added latency that aiohttp's server and client cost by
+        themselves, before any gateway code.
+
         A fresh simulator and gateway for each number of clients: with the first
         poll an hour away every submit stays in flight, and tens of thousands of
         them left over from the previous level (their trackers, the simulator's
@@ -364,10 +373,12 @@ class Bench:
             work = self.fresh(f"submit-{clients}")
             sim = simulator(work)
             sim.start()
+            proxy = passthrough(work, sim.url)
+            proxy.start()
             gw = gateway(work, sim.url, work / "gateway.db")
             gw.start()
             try:
-                for server in (sim, gw):
+                for server in (sim, proxy, gw):
                     wrk(server.url + path, clients=16, seconds=p.warmup, script=["submit.lua"],
                         args=["unique", self.unique()])
                 row: dict[str, Any] = {"clients": clients}
@@ -383,17 +394,21 @@ class Bench:
                     # Paced first: saturated rounds leave thousands of tasks in flight.
                     found = self.alternate(
                         f"submit miss, {mode}, {clients} clients",
-                        {"direct": lambda: run(sim), "gateway": lambda: run(gw)},  # noqa: B023
+                        {"direct": lambda: run(sim), "passthrough": lambda: run(proxy),  # noqa: B023
+                         "gateway": lambda: run(gw)},  # noqa: B023
                         rounds,
                     )
                     for name, load in found.items():
                         row[f"{name}_{mode}"] = load
             finally:
                 gw.stop()
+                proxy.stop()
                 sim.stop()
-            g, d = row["gateway_paced"], row["direct_paced"]
+            g, d, f = row["gateway_paced"], row["direct_paced"], row["passthrough_paced"]
             row["added_ms"] = {q: round(g[f"{q}_ms"] - d[f"{q}_ms"], 3)
                                for q in ("p50", "p95", "p99")}
+            row["passthrough_added_ms"] = {q: round(f[f"{q}_ms"] - d[f"{q}_ms"], 3)
+                                           for q in ("p50", "p95", "p99")}
             row["throughput_ratio"] = round(
                 row["gateway_saturated"]["rps"] / row["direct_saturated"]["rps"], 3)
             rows.append(row)
@@ -606,6 +621,29 @@ def tables(result: dict[str, Any]) -> str:
                 f"| {g['p50_ms']:.2f} / {g['p95_ms']:.2f} / {g['p99_ms']:.2f} "
                 f"| {a['p50']:.2f} / {a['p95']:.2f} / {a['p99']:.2f} "
                 f"| {_cpu(r['gateway_saturated'])} |"
+            )
+        lines += [
+            "",
+            "The floor: a pass-through aiohttp proxy (`passthrough.py`: read the body, "
+            "forward it with the gateway's client settings, answer what the simulator "
+            "said; nothing else), paced and measured in the same rounds. Its added "
+            "latency is what aiohttp's server and client cost by themselves; the gateway's "
+            "own work is the rest.",
+            "",
+            "| clients | pass-through req/s | pass-through added p50 / p99 ms "
+            "| gateway added p50 / p99 ms | gateway beyond pass-through p50 / p99 ms "
+            "| pass-through CPU µs/req |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["submit_miss"]:
+            f, a = r.get("passthrough_added_ms"), r["added_ms"]
+            if f is None:
+                continue
+            lines.append(
+                f"| {r['clients']} | {r['passthrough_saturated']['rps']:,.0f} "
+                f"| {f['p50']:.2f} / {f['p99']:.2f} | {a['p50']:.2f} / {a['p99']:.2f} "
+                f"| {a['p50'] - f['p50']:.2f} / {a['p99'] - f['p99']:.2f} "
+                f"| {_cpu(r['passthrough_saturated'])} |"
             )
         lines.append("")
     for key, title in (("status", "Status poll of a final task"),

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import jsonio
 from gateway.appkeys import GATEWAY
 from gateway.cache import canonical_json
 from gateway.config import TeamConfig
@@ -55,7 +56,7 @@ async def _json_body(request: web.Request) -> Any:
             reason="invalid",
         )
     try:
-        body = json.loads(raw)
+        body = jsonio.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(f"Request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -129,7 +130,7 @@ async def generate_task(request: web.Request) -> web.Response:
     headers = {"X-Gateway-Cache": result.cache}
     if result.replayed:
         headers["X-Gateway-Idempotent-Replay"] = "true"
-    return web.json_response(
+    return jsonio.json_response(
         {"code": 200, "message": "success", "data": {"taskId": result.task_id}}, headers=headers
     )
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway import admin_api, apixo_api, ops_api
+from gateway import admin_api, apixo_api, jsonio, ops_api
 from gateway.appkeys import CONFIG, GATEWAY, METRICS, MOCK_UPSTREAM, UPSTREAM_KEY, UPSTREAM_URL
 from gateway.callbacks import Callbacks
 from gateway.config import Config
@@ -83,7 +83,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 raise
             raise APIError(exc.status, exc.reason, message=exc.reason) from None
     except APIError as exc:
-        response = web.json_response(exc.envelope(), status=exc.code, headers=exc.headers)
+        response = jsonio.json_response(exc.envelope(), status=exc.code, headers=exc.headers)
         request["error"] = exc.error
         if exc.reason is not None:
             metrics.rejections.labels(request.get("team", "none"), exc.reason).inc()
@@ -91,7 +91,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("unhandled error", extra={"request_id": request_id, "path": request.path})
-        response = web.json_response(
+        response = jsonio.json_response(
             {"code": 500, "message": "Internal error",
              "data": {"error": f"internal gateway error; request id {request_id}"}},
             status=500,

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from gateway import jsonio
 from gateway.errors import APIError
 from gateway.metrics import Metrics
 
@@ -109,7 +110,7 @@ class Upstream:
                         _retry_after(resp.headers),
                     )
                 try:
-                    payload = json.loads(raw)
+                    payload = jsonio.loads(raw)
                 except ValueError:
                     payload = None
                 if not isinstance(payload, dict):

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from aiohttp import web
+from cachetools import LRUCache
 
 from gateway import jsonio
 from gateway.appkeys import GATEWAY
@@ -16,7 +17,7 @@ from gateway.config import TeamConfig
 from gateway.core import SubmitOptions
 from gateway.errors import APIError
 from gateway.money import micros_to_usd
-from gateway.validation import invalid, validate_submit
+from gateway.validation import Submission, invalid, validate_submit
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -39,7 +40,7 @@ def _model(request: web.Request) -> str:
     return model
 
 
-async def _json_body(request: web.Request) -> Any:
+async def _read_body(request: web.Request) -> bytes:
     limit = request.app[GATEWAY].config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"Request body is {request.content_length} bytes; "
@@ -55,6 +56,10 @@ async def _json_body(request: web.Request) -> Any:
             413, f"Request body is {len(raw)} bytes; server.max_body_bytes is {limit}",
             reason="invalid",
         )
+    return raw
+
+
+def _decode(raw: bytes) -> Any:
     try:
         body = jsonio.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -72,6 +77,39 @@ async def _json_body(request: web.Request) -> Any:
                 "Request body contains invalid Unicode (an unpaired surrogate)"
             ) from None
     return body
+
+
+class ParsedBodies:
+    """Valid submit bodies already decoded and validated, by model and exact bytes.
+
+    Identical requests are what a dedupe gateway exists for; for them decoding,
+    validation and the request identity (canonical JSON and SHA-256, cached on
+    the Submission) were about a seventh of a cache hit's CPU. Both are pure
+    functions of the bytes, so the same bytes may share one result; it is only
+    read afterwards. Refused bodies are not kept, and neither are large ones:
+    the memo holds at most ENTRIES x MAX_BYTES of bodies.
+    """
+
+    ENTRIES = 1024
+    MAX_BYTES = 8192
+
+    def __init__(self) -> None:
+        self._memo: LRUCache[tuple[str, bytes], tuple[Any, Submission]] = LRUCache(
+            maxsize=self.ENTRIES
+        )
+
+    def parse(self, model: str, raw: bytes) -> tuple[Any, Submission]:
+        if len(raw) > self.MAX_BYTES:
+            body = _decode(raw)
+            return body, validate_submit(model, body)
+        found = self._memo.get((model, raw))
+        if found is None:
+            body = _decode(raw)
+            found = self._memo[model, raw] = (body, validate_submit(model, body))
+        return found
+
+
+PARSED_BODIES = web.AppKey("parsed_bodies", ParsedBodies)
 
 
 def _cache_control(request: web.Request) -> tuple[bool, bool]:
@@ -103,8 +141,7 @@ async def generate_task(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     team = _team(request)
     model = _model(request)
-    body = await _json_body(request)
-    submission = validate_submit(model, body)
+    body, submission = request.app[PARSED_BODIES].parse(model, await _read_body(request))
     prompt = submission.input.get("prompt")
     if isinstance(prompt, str):
         request["prompt"] = prompt  # logged only with [logging] log_prompts = true
@@ -162,6 +199,7 @@ async def current_balance(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[PARSED_BODIES] = ParsedBodies()
     app.router.add_post("/api/v1/generateTask/{model}", generate_task)
     app.router.add_get("/api/v1/statusTask/{model}", status_task)
     app.router.add_get("/api/v1/apikeys/current-balance", current_balance)

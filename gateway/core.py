@@ -20,7 +20,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from gateway.budget import Budgets, utc_day_of_ms
-from gateway.cache import Flight, Flights, ResultCache, cache_key, request_identity
+from gateway.cache import Flight, Flights, ResultCache, cache_key
 from gateway.callbacks import Callbacks, check_callback_url
 from gateway.config import Config, TeamConfig
 from gateway.errors import APIError
@@ -252,7 +252,7 @@ class Gateway:
             raise
 
     async def _decide(self, team: TeamConfig, sub: Submission, opts: SubmitOptions) -> Submitted:
-        identity = request_identity(sub.model, sub.input, sub.provider)
+        identity = sub.identity
         if not self.config.cache.enabled or opts.no_cache:
             return await self._lead(team, sub, opts, identity, "bypass", None, None)
         key = self._cache_key(identity, team.name)

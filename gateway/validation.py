@@ -7,8 +7,10 @@ models get the generic checks only (the gateway does not know their inputs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+from gateway.cache import request_identity
 from gateway.errors import APIError
 
 REQUEST_TYPES = ("async", "callback")
@@ -25,6 +27,11 @@ class Submission:
     provider: str
     request_type: str
     callback_url: str | None
+
+    @cached_property
+    def identity(self) -> str:
+        """What the cache and joins key on; computed once per Submission (see ParsedBodies)."""
+        return request_identity(self.model, self.input, self.provider)
 
 
 def invalid(error: str) -> APIError:

@@ -19,6 +19,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from gateway import jsonio
 from gateway.budget import Budgets, utc_day_of_ms
 from gateway.cache import Flight, Flights, ResultCache, cache_key
 from gateway.callbacks import Callbacks, check_callback_url
@@ -48,8 +49,6 @@ VIEW_CACHE_ENTRIES = 100_000
 STATUS_BODY_ENTRIES = 10_000
 # Refusals that leave the submit out of the team's requests_per_minute: it did no work.
 REFUNDED_REFUSALS = frozenset({"budget", "concurrency", "busy"})
-# json.dumps with an option builds a new encoder on every call; a submit encodes one body.
-_encode_request = json.JSONEncoder(ensure_ascii=False).encode
 
 
 @dataclass(frozen=True)
@@ -301,7 +300,7 @@ class Gateway:
         return TaskRecord(
             id=new_task_id(), team=team.name, model=sub.model, identity=identity,
             state=state, cache=cache, leader_id=leader_id, upstream_id=None,
-            request_json=_encode_request(body), result_json=result_json,
+            request_json=jsonio.dumps_text(body), result_json=result_json,
             fail_code=None, fail_msg=None, create_ms=created, complete_ms=complete_ms,
             price_micros=price, reserved_micros=price if reserve else 0, charged_micros=0,
             saved_micros=price * images if cache == "hit" else 0, images=images,

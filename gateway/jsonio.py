@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -13,21 +14,39 @@ from aiohttp import web
 # orjson reads an integer beyond 64 bits as a float; the stdlib keeps it exact.
 # Any run of 19 digits (in a number or in a string) sends the body to the stdlib.
 _LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_stdlib_text = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _stdlib_loads(raw: bytes) -> Any:
+    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
 
 
 def loads(raw: bytes) -> Any:
-    """json.loads(raw), several times faster for the bodies clients and APIXO send.
+    """JSON as RFC 8259 has it: json.loads's answer, without NaN and Infinity.
 
-    orjson refuses a few inputs the stdlib reads (NaN and Infinity, integers
-    beyond 64 bits, UTF-16 and UTF-32 bodies, escapes of lone surrogates); those
-    are read by the stdlib, so what is accepted, and what it means, is unchanged.
+    NaN, Infinity and numbers too large for a double are refused, as orjson
+    and APIXO refuse them: passed on, they would fail upstream after the
+    budget was reserved. orjson reads the rest several times faster; what it
+    refuses (UTF-16 and UTF-32 bodies, escapes of lone surrogates) or would
+    read differently (integers beyond 64 bits) is read by the stdlib.
     """
     if _LONG_DIGITS.search(raw):
-        return json.loads(raw)
+        return _stdlib_loads(raw)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return json.loads(raw)
+        return _stdlib_loads(raw)
 
 
 def dumps(value: Any) -> bytes:
@@ -36,6 +55,14 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError:  # an int beyond 64 bits, a str with a lone surrogate
         return json.dumps(value).encode()
+
+
+def dumps_text(value: Any) -> str:
+    """Compact JSON text of what loads() returned; UTF-8 characters unescaped."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an int beyond 64 bits
+        return _stdlib_text(value)
 
 
 def json_response(

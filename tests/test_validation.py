@@ -256,8 +256,11 @@ async def test_other_priced_models_get_generic_checks_only(
         (b"[" * 60000, "nested"),  # under max_body_bytes, but json.loads recurses
         (b'{"input": {"mode": "text-to-image", "prompt": "bad \\ud800"}}', "surrogate"),
         (b"\xff\xfe{}", "JSON"),
+        # Python reads NaN, APIXO would not: refused before any money is reserved.
+        (b'{"input": {"mode": "text-to-image", "prompt": "p", "seed": NaN}}',
+         "NaN is not a JSON number"),
     ],
-    ids=["deeply-nested", "lone-surrogate", "not-utf8"],
+    ids=["deeply-nested", "lone-surrogate", "not-utf8", "nan"],
 )
 async def test_hostile_bodies_are_400_not_500(
     sim: SimulatorProcess, client: Client, raw: bytes, needle: str

@@ -35,9 +35,9 @@ def _stdlib_loads(raw: bytes) -> Any:
 def loads(raw: bytes) -> Any:
     """JSON as RFC 8259 has it: json.loads's answer, without NaN and Infinity.
 
-    NaN, Infinity and numbers too large for a double are refused, as orjson
-    and APIXO refuse them: passed on, they would fail upstream after the
-    budget was reserved. orjson reads the rest several times faster; what it
+    NaN, Infinity and numbers too large for a double are refused: RFC 8259
+    has no such numbers, and a strict upstream would refuse the body only
+    after the budget was reserved. orjson reads the rest several times faster; what it
     refuses (UTF-16 and UTF-32 bodies, escapes of lone surrogates) or would
     read differently (integers beyond 64 bits) is read by the stdlib.
     """

@@ -76,40 +76,50 @@ def _decode(raw: bytes) -> Any:
             raise invalid(
                 "Request body contains invalid Unicode (an unpaired surrogate)"
             ) from None
+        except RecursionError:
+            raise invalid("Request body is nested too deeply") from None
     return body
 
 
 class ParsedBodies:
-    """Valid submit bodies already decoded and validated, by model and exact bytes.
+    """Request identities of recent valid submit bodies, by model and exact bytes.
 
-    Identical requests are what a dedupe gateway exists for; for them decoding,
-    validation and the request identity (canonical JSON and SHA-256, cached on
-    the Submission) were about a seventh of a cache hit's CPU. Both are pure
-    functions of the bytes, so the same bytes may share one result; it is only
-    read afterwards. Refused bodies are not kept, and neither are large ones:
-    the memo holds at most ENTRIES x MAX_BYTES of bodies.
+    Identical requests are what a dedupe gateway exists for, and for them the
+    identity (canonical JSON and SHA-256) was the largest part of decoding and
+    validating a body. It is a pure function of the model and the bytes, so
+    it is kept for the last ENTRIES bodies of up to MAX_BYTES: at most about
+    ENTRIES x MAX_BYTES of memory, whatever the bodies hold. Each request
+    still decodes and validates its own body, and refused bodies are refused
+    afresh every time.
     """
 
     ENTRIES = 1024
     MAX_BYTES = 8192
 
     def __init__(self) -> None:
-        self._memo: LRUCache[tuple[str, bytes], tuple[Any, Submission]] = LRUCache(
-            maxsize=self.ENTRIES
-        )
+        self._identities: LRUCache[tuple[str, bytes], str] = LRUCache(maxsize=self.ENTRIES)
 
     def parse(self, model: str, raw: bytes) -> tuple[Any, Submission]:
+        body = _decode(raw)
         if len(raw) > self.MAX_BYTES:
-            body = _decode(raw)
             return body, validate_submit(model, body)
-        found = self._memo.get((model, raw))
-        if found is None:
-            body = _decode(raw)
-            found = self._memo[model, raw] = (body, validate_submit(model, body))
-        return found
+        known = self._identities.get((model, raw))
+        submission = validate_submit(model, body, identity=known)
+        if known is None:
+            self._identities[model, raw] = submission.identity
+        return body, submission
 
 
 PARSED_BODIES = web.AppKey("parsed_bodies", ParsedBodies)
+
+
+def _body_hash(model: str, body: Any) -> str:
+    # The model is part of what was asked: the same body sent to another
+    # model under the same Idempotency-Key is a different request (409).
+    try:
+        return hashlib.sha256(canonical_json({"model": model, "body": body}).encode()).hexdigest()
+    except RecursionError:  # orjson reads deeper nesting than the stdlib writes
+        raise invalid("Request body is nested too deeply") from None
 
 
 def _cache_control(request: web.Request) -> tuple[bool, bool]:
@@ -148,12 +158,8 @@ async def generate_task(request: web.Request) -> web.Response:
     no_cache, no_store = _cache_control(request)
     idempotency_key = _idempotency_key(request)
     opts = SubmitOptions(
-        # The model is part of what was asked: the same body sent to another
-        # model under the same Idempotency-Key is a different request (409).
         # Only compared under an Idempotency-Key, so only computed then.
-        body_hash=hashlib.sha256(
-            canonical_json({"model": model, "body": body}).encode()
-        ).hexdigest() if idempotency_key is not None else "",
+        body_hash=_body_hash(model, body) if idempotency_key is not None else "",
         idempotency_key=idempotency_key,
         no_cache=no_cache,
         no_store=no_store,

@@ -7,7 +7,6 @@ models get the generic checks only (the gateway does not know their inputs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 from gateway.cache import request_identity
@@ -27,11 +26,7 @@ class Submission:
     provider: str
     request_type: str
     callback_url: str | None
-
-    @cached_property
-    def identity(self) -> str:
-        """What the cache and joins key on; computed once per Submission (see ParsedBodies)."""
-        return request_identity(self.model, self.input, self.provider)
+    identity: str  # what the cache and joins key on: see cache.request_identity
 
 
 def invalid(error: str) -> APIError:
@@ -91,7 +86,9 @@ def _or_default(value: Any, default: str) -> Any:
     return default if value is None else value
 
 
-def validate_submit(model: str, body: Any) -> Submission:
+def validate_submit(model: str, body: Any, *, identity: str | None = None) -> Submission:
+    """The submission a body asks for; `identity`, when the caller already knows
+    it for these very bytes (see apixo_api.ParsedBodies), saves computing it."""
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object")
     # An explicit null is the same as leaving the field out (see _validate_grok_image).
@@ -117,10 +114,16 @@ def validate_submit(model: str, body: Any) -> Submission:
         raise invalid("input must be an object")
     rule = _MODEL_RULES.get(model)
     data = rule(raw_input) if rule else dict(raw_input)
+    if identity is None:
+        try:
+            identity = request_identity(model, data, provider)
+        except RecursionError:  # orjson reads deeper nesting than the stdlib writes
+            raise invalid("Request body is nested too deeply") from None
     return Submission(
         model=model,
         input=data,
         provider=provider,
         request_type=request_type,
         callback_url=callback_url if request_type == "callback" else None,
+        identity=identity,
     )

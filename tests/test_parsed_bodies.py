@@ -1,4 +1,4 @@
-"""ParsedBodies: the same bytes share one decoded, validated Submission; nothing else is kept."""
+"""ParsedBodies: the same bytes reuse one request identity; nothing else is shared or kept."""
 
 from __future__ import annotations
 
@@ -15,24 +15,26 @@ def body(prompt: str, **extra: object) -> bytes:
     return json.dumps({"input": {"mode": "text-to-image", "prompt": prompt}, **extra}).encode()
 
 
-def test_same_bytes_share_one_result_with_its_identity() -> None:
+def test_same_bytes_reuse_the_identity_and_nothing_else() -> None:
     memo = ParsedBodies()
     raw = body("a red fox")
     first_body, first = memo.parse("grok-image", raw)
     again_body, again = memo.parse("grok-image", bytes(raw))  # equal bytes, another object
-    assert again is first and again_body is first_body
+    assert again == first and again.identity is first.identity
+    # Every request gets its own decoded objects: nothing it holds is shared.
+    assert again_body is not first_body and again.input is not first.input
     assert first.identity == request_identity("grok-image", first.input, first.provider)
     assert first.input == {"mode": "text-to-image", "prompt": "a red fox", "aspect_ratio": "1:1"}
     # Other bytes for the same request: its own entry, the same identity.
     _, spaced = memo.parse("grok-image", raw.replace(b": ", b":  "))
-    assert spaced is not first and spaced.identity == first.identity
+    assert spaced.identity == first.identity
 
 
 def test_the_model_is_part_of_the_key() -> None:
     memo = ParsedBodies()
     raw = json.dumps({"input": {"prompt": "no mode"}}).encode()
     _, other = memo.parse("other-model", raw)  # generic checks only: valid
-    assert other.model == "other-model"
+    assert other.identity == request_identity("other-model", {"prompt": "no mode"}, "auto")
     with pytest.raises(APIError, match=r"input\.mode"):
         memo.parse("grok-image", raw)
 
@@ -45,12 +47,14 @@ def test_refused_and_large_bodies_are_not_kept() -> None:
     large = body("a red fox", note="x" * ParsedBodies.MAX_BYTES)
     _, first = memo.parse("grok-image", large)
     _, again = memo.parse("grok-image", large)
-    assert again is not first and again == first
-    assert len(memo._memo) == 0
+    assert again == first
+    assert len(memo._identities) == 0
 
 
-def test_bounded_by_entries() -> None:
+def test_bounded_by_entries_and_bytes() -> None:
     memo = ParsedBodies()
     for i in range(ParsedBodies.ENTRIES + 10):
         memo.parse("grok-image", body(f"prompt {i}"))
-    assert len(memo._memo) == ParsedBodies.ENTRIES
+    assert len(memo._identities) == ParsedBodies.ENTRIES
+    assert all(len(raw) <= ParsedBodies.MAX_BYTES and len(identity) == 64
+               for (_, raw), identity in memo._identities.items())

@@ -250,6 +250,10 @@ async def test_other_priced_models_get_generic_checks_only(
             assert_envelope(code, reply, 400, *needles)
 
 
+DEEP = (b'{"input": {"mode": "text-to-image", "prompt": "p", "x": '
+        + b"[" * 1000 + b"]" * 1000 + b"}}")
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
@@ -259,16 +263,22 @@ async def test_other_priced_models_get_generic_checks_only(
         # Python reads NaN, APIXO would not: refused before any money is reserved.
         (b'{"input": {"mode": "text-to-image", "prompt": "p", "seed": NaN}}',
          "NaN is not a JSON number"),
+        # Deep enough to read (orjson reads 1,024 levels) but not to hash
+        # canonically; with a surrogate pair escape, not to check either.
+        (DEEP, "nested too deeply"),
+        (DEEP.replace(b'"p"', b'"\\ud83d\\ude00"'), "nested too deeply"),
     ],
-    ids=["deeply-nested", "lone-surrogate", "not-utf8", "nan"],
+    ids=["deeply-nested", "lone-surrogate", "not-utf8", "nan", "deep-input", "deep-emoji"],
 )
+@pytest.mark.parametrize("idempotent", [False, True], ids=["", "idempotency-key"])
 async def test_hostile_bodies_are_400_not_500(
-    sim: SimulatorProcess, client: Client, raw: bytes, needle: str
+    sim: SimulatorProcess, client: Client, raw: bytes, needle: str, idempotent: bool
 ) -> None:
+    headers = {"Content-Type": "application/json"}
+    if idempotent:
+        headers["Idempotency-Key"] = f"hostile-{needle}"
     async with nothing_upstream(sim):
-        code, body, _ = await client.submit(
-            None, raw=raw, headers={"Content-Type": "application/json"}
-        )
+        code, body, _ = await client.submit(None, raw=raw, headers=headers)
     assert_envelope(code, body, 400, needle)
 
 

@@ -110,7 +110,7 @@ class Upstream:
                         _retry_after(resp.headers),
                     )
                 try:
-                    payload = jsonio.loads(raw)
+                    payload = jsonio.loads(raw, strict=False)
                 except ValueError:
                     payload = None
                 if not isinstance(payload, dict):

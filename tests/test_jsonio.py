@@ -83,3 +83,8 @@ def test_dumps_falls_back_for_what_orjson_cannot_encode() -> None:
         '{"n": 1000000000000000000000000000000, "p": "é"}'
     )
     assert jsonio.dumps_text({"p": "é", "f": 0.1}) == '{"p":"é","f":0.1}'
+
+
+def test_not_strict_reads_what_json_loads_reads() -> None:
+    for raw in (b'{"x": NaN}', b'{"x": -Infinity, "n": 1234567890123456789012}', b'{"x": 1e400}'):
+        assert outcome(lambda r: jsonio.loads(r, strict=False), raw) == outcome(json.loads, raw)

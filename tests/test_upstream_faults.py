@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from gateway.errors import APIError
 from gateway.metrics import Metrics
@@ -245,3 +246,35 @@ async def test_a_malformed_upstream_url_is_an_upstream_error_not_a_crash() -> No
             assert "InvalidURL" in exc.error
         else:
             raise AssertionError("a malformed URL was called")
+
+
+async def test_an_upstream_answer_with_nan_in_a_field_is_still_read() -> None:
+    """Clients may not send NaN (400), but an APIXO answer is read as json.loads would:
+    refusing a field the gateway never looks at would retry a submit APIXO accepted."""
+    calls = 0
+
+    async def generate(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.Response(
+            text='{"code": 200, "message": "success", "data": {"taskId": "up-1", "cost": NaN}}',
+            content_type="application/json",
+        )
+
+    app = web.Application()
+    app.router.add_post("/api/v1/generateTask/{model}", generate)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as session:
+            upstream = Upstream(
+                session, base_url=f"http://127.0.0.1:{port}/api/v1", api_key="k",
+                timeout_seconds=2, max_retries=2, metrics=Metrics(),
+            )
+            assert await upstream.submit("grok-image", "{}") == "up-1"
+        assert calls == 1
+    finally:
+        await runner.cleanup()

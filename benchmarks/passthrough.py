@@ -1,7 +1,8 @@
 """The floor for any aiohttp proxy: forward generateTask to the simulator and answer what it says.
 
 No auth, validation, database, metrics or logging; the same aiohttp client
-settings as the gateway (one pooled session, no cookie jar, a parsed URL).
+settings as the gateway (one pooled session without a practical connection
+limit, no cookie jar, a parsed URL) and the same gc.freeze() once started.
 What it adds over going straight to the simulator is what aiohttp's server and
 client cost by themselves on this machine: the part of the gateway's added
 latency that no gateway code can remove. Started as its own process by run.py.
@@ -10,6 +11,7 @@ latency that no gateway code can remove. Started as its own process by run.py.
 from __future__ import annotations
 
 import argparse
+import gc
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -22,7 +24,12 @@ HEADERS = {"Authorization": "Bearer bench-upstream-key", "Content-Type": "applic
 
 
 async def _session(app: web.Application) -> AsyncIterator[None]:
-    app[SESSION] = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    # The gateway's pool allows twice upstream.max_concurrent, which the
+    # benchmark sets far above any client count: no limit here either.
+    app[SESSION] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar()
+    )
+    gc.freeze()
     yield
     await app[SESSION].close()
 

@@ -35,15 +35,15 @@ def _stdlib_loads(raw: bytes) -> Any:
 def loads(raw: bytes, *, strict: bool = True) -> Any:
     """JSON as RFC 8259 has it: json.loads's answer, without NaN and Infinity.
 
-    strict=False reads what json.loads reads, NaN included: for answers from
-    upstream, where refusing a field the gateway never looks at would turn a
-    created task into a retried submit.
-
     NaN, Infinity and numbers too large for a double are refused: RFC 8259
     has no such numbers, and a strict upstream would refuse the body only
-    after the budget was reserved. orjson reads the rest several times faster; what it
-    refuses (UTF-16 and UTF-32 bodies, escapes of lone surrogates) or would
-    read differently (integers beyond 64 bits) is read by the stdlib.
+    after the budget was reserved. strict=False reads them as json.loads
+    does: for answers from upstream, where refusing a field the gateway never
+    looks at would turn a created task into a retried submit.
+
+    orjson reads the rest several times faster; what it refuses (UTF-16 and
+    UTF-32 bodies, escapes of lone surrogates) or would read differently
+    (integers beyond 64 bits) is read by the stdlib.
     """
     stdlib = _stdlib_loads if strict else json.loads
     if _LONG_DIGITS.search(raw):

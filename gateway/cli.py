@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config, reloaded
 from gateway.logs import setup_logging
 
 log = logging.getLogger("gateway")
@@ -68,9 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log.error("SIGHUP: config not reloaded, it has errors",
                           extra={"problems": exc.problems})
                 return
+            fresh, waiting = reloaded(app[GATEWAY].config, fresh)
             app[GATEWAY].apply_config(fresh)
             app[GATEWAY].callbacks.apply_config(fresh.callbacks)
             log.info("SIGHUP: reloaded teams, budgets and limits", extra={"config": path})
+            if waiting:
+                log.warning("SIGHUP: these settings take effect at the next restart",
+                            extra={"settings": waiting})
 
         loop.add_signal_handler(signal.SIGHUP, reload)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -359,3 +359,37 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     return parse_config(raw, source=str(path))
+
+
+# Read once at startup (the listening socket, the database file, the upstream
+# client, the log handler, the memory cache's size, the webhook secret): a
+# SIGHUP cannot apply them, and pretending to (quoting a new body limit while
+# the old one is enforced) would mislead. Everything else reloads.
+RESTART_ONLY: dict[str, tuple[str, ...]] = {
+    "server": ("host", "port", "max_body_bytes"),
+    "storage": ("path",),
+    "upstream": (
+        "base_url", "api_key_env", "request_timeout_seconds", "max_retries",
+        "first_poll_seconds", "poll_interval_seconds", "task_timeout_seconds",
+    ),
+    "cache": ("memory_entries",),
+    "callbacks": ("signing_secret_env",),
+    "logging": ("format", "level", "log_prompts"),
+}
+
+
+def reloaded(running: Config, fresh: Config) -> tuple[Config, list[str]]:
+    """The config a SIGHUP applies: `fresh`, with the restart-only settings kept as running.
+
+    Also returns the restart-only settings that differ, as "section.key (old -> new)".
+    """
+    waiting: list[str] = []
+    sections: dict[str, Any] = {}
+    for section, keys in RESTART_ONLY.items():
+        old, new = getattr(running, section), getattr(fresh, section)
+        kept = {key: getattr(old, key) for key in keys}
+        for key, value in kept.items():
+            if getattr(new, key) != value:
+                waiting.append(f"{section}.{key} ({value!r} -> {getattr(new, key)!r})")
+        sections[section] = replace(new, **kept)
+    return replace(fresh, **sections), waiting

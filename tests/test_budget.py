@@ -558,6 +558,34 @@ async def test_sighup_removed_key_stops_working_at_once(
     assert samples[("apixo_gateway_rejections_total", "reason=unauthorized,team=none")] >= 10
 
 
+async def test_sighup_keeps_startup_settings_and_names_them(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    # The body limit is enforced by the listening server, set up at start: a
+    # reload that quoted a new limit while the old one still applied would
+    # answer "exceeds 200000" to a 70,000-byte body.
+    gw = gateways(teams=[team("alpha")], server={"max_body_bytes": 65536})
+    client = Client(http, gw.url, "key-alpha")
+    gw.config["server"]["max_body_bytes"] = 200_000
+    gw.config["upstream"]["max_concurrent"] = 7  # reloadable, and applied
+    gw.write_config()
+    gw.hup()
+
+    async def reloaded() -> bool:
+        samples = await metric_samples(http, gw.url)
+        return samples.get(("apixo_gateway_upstream_max_concurrent", "")) == 7
+
+    await until(reloaded)
+    code, body, _ = await client.submit(t2i("x" * 70_000))
+    assert code == 413
+    assert "65536" in body["data"]["error"] and "200000" not in body["data"]["error"]
+    warnings = [line for line in gw.log_lines() if line.get("level") == "warning"
+                and "next restart" in line.get("msg", "")]
+    assert len(warnings) == 1, warnings
+    assert warnings[0]["settings"] == ["server.max_body_bytes (65536 -> 200000)"]
+    assert (await client.submit(t2i("small bodies still work")))[0] == 200
+
+
 async def test_kill9_with_tasks_in_flight_settles_each_once_and_matches_upstream(
     gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
 ) -> None:

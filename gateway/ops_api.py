@@ -8,6 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.appkeys import GATEWAY, METRICS
+from gateway.errors import APIError
 from gateway.money import micros_to_usd
 
 log = logging.getLogger("gateway.ops")
@@ -43,7 +44,10 @@ async def readyz(request: web.Request) -> web.Response:
         await request.app[GATEWAY].store.ping()
     except Exception as exc:
         log.warning("not ready: database unusable", extra={"error": str(exc)})
-        return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+        # An error like any other: the APIXO envelope, for probes that read the body.
+        raise APIError(
+            503, f"The database is not usable: {exc}", extra={"status": "unavailable"}
+        ) from None
     return web.json_response({"status": "ready"})
 
 

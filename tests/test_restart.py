@@ -199,7 +199,10 @@ async def test_health_and_readiness(gateways: Any, http: aiohttp.ClientSession) 
     gw.db.rename(gw.db.with_name("moved-away.db"))
     async with http.get(gw.url + "/readyz") as r:
         assert r.status == 503
-        assert "gone" in (await r.json())["error"]
+        body = await r.json()
+        assert body["code"] == 503 and body["message"] == "Service unavailable"
+        assert "The database is not usable" in body["data"]["error"]
+        assert "gone" in body["data"]["error"] and body["data"]["status"] == "unavailable"
     async with http.get(gw.url + "/healthz") as r:
         assert r.status == 200  # the process itself still runs
 

@@ -182,3 +182,39 @@ async def test_serve_mock_upstream_runs_the_quickstart_offline(
     assert (tmp_path / "demo.db").exists()
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 15) == 0
+
+
+def test_reload_applies_what_it_can_and_keeps_what_waits_for_a_restart() -> None:
+    from gateway.config import RESTART_ONLY, parse_config, reloaded
+
+    running = parse_config({
+        "server": {"port": 8080, "max_body_bytes": 65536},
+        "upstream": {"max_concurrent": 4, "poll_interval_seconds": 3.0},
+        "cache": {"ttl_seconds": 60, "memory_entries": 100},
+        "teams": [{"name": "alpha", "api_keys": ["plain:key-a"], "budget_usd": 1.0}],
+    })
+    fresh = parse_config({
+        "server": {"port": 9090, "max_body_bytes": 65536},
+        "upstream": {"max_concurrent": 8, "poll_interval_seconds": 1.0},
+        "cache": {"ttl_seconds": 120, "memory_entries": 500},
+        "pricing": {"grok-image": 0.2},
+        "teams": [{"name": "beta", "api_keys": ["plain:key-b"], "budget_usd": 2.0}],
+    })
+    applied, waiting = reloaded(running, fresh)
+    # Reloadable: teams, pricing, cache rules, the global concurrency limit.
+    assert [t.name for t in applied.teams] == ["beta"]
+    assert applied.pricing == {"grok-image": 200_000}
+    assert applied.cache.ttl_seconds == 120 and applied.upstream.max_concurrent == 8
+    # Read at startup: kept as running, and each change named once.
+    assert applied.server == running.server and applied.storage == running.storage
+    assert applied.upstream.poll_interval_seconds == 3.0 and applied.cache.memory_entries == 100
+    assert waiting == [
+        "server.port (8080 -> 9090)",
+        "upstream.poll_interval_seconds (3.0 -> 1.0)",
+        "cache.memory_entries (100 -> 500)",
+    ]
+    # Every restart-only name is a real setting (a renamed field fails here, not in production).
+    for section, keys in RESTART_ONLY.items():
+        for key in keys:
+            getattr(getattr(running, section), key)
+    assert reloaded(running, running) == (running, [])

@@ -165,3 +165,87 @@ async def test_the_lifecycle_updates_reach_the_database(store: Store, tmp_path: 
             break
         await asyncio.sleep(0.01)
     assert committed(db, "SELECT state, upstream_id FROM tasks") == [("processing", "up-1")]
+
+
+def hit_task(task_id: str, **changes: Any) -> TaskRecord:
+    created = now_ms()
+    return reserved_task(
+        task_id, state="success", cache="hit", result_json='{"resultUrls":["u"]}',
+        complete_ms=created, create_ms=created, reserved_micros=0, saved_micros=PRICE,
+        images=1, **changes,
+    )
+
+
+async def hit(store: Store, task_id: str, db: Path, **changes: Any) -> bool:
+    """Create a cache hit; True once its rows are visible to another connection."""
+    await store.create_task(hit_task(task_id, **changes), idempotency=None, now_ms=now_ms())
+    # Another connection, right as the caller returns: the answer goes out now.
+    return committed(db, f"SELECT count(*) FROM tasks WHERE id = '{task_id}'") == [(1,)]
+
+
+async def test_hits_are_committed_with_their_saving_before_their_callers_return(
+    store: Store, tmp_path: Path
+) -> None:
+    # Hits are inserted at their group's commit, after the changes made with
+    # them; every one must still be durable when its caller returns.
+    db = tmp_path / "gateway.db"
+    calls = []
+    for i in range(30):
+        if i % 3 == 0:
+            calls.append(reserve(store, f"r{i}"))
+        else:
+            url = "http://127.0.0.1:9/hook" if i % 5 == 0 else None
+            calls.append(hit(store, f"h{i}", db, callback_url=url))
+    results = await asyncio.gather(*calls)
+    assert all(r in (None, True) for r in results), results
+    hits = {f"h{i}" for i in range(30) if i % 3}
+    assert {r[0] for r in committed(db, "SELECT id FROM tasks WHERE cache = 'hit'")} == hits
+    savings = committed(db, "SELECT task_id, amount_micros, images FROM ledger "
+                            "WHERE kind = 'saving'")
+    assert sorted(savings) == sorted((h, PRICE, 1) for h in hits)
+    assert committed(db, "SELECT saved_micros FROM usage_daily") == [(len(hits) * PRICE,)]
+    assert committed(db, "SELECT amount_micros, images FROM ledger_totals "
+                         "WHERE kind = 'saving'") == [(len(hits) * PRICE, len(hits))]
+    outbox = {r[0] for r in committed(db, "SELECT task_id FROM outbox")}
+    assert outbox == {f"h{i}" for i in range(30) if i % 3 and i % 5 == 0}
+
+
+async def test_hits_in_a_group_that_sqlite_rolls_back_are_told_so(
+    store: Store, tmp_path: Path
+) -> None:
+    # As in the full-disk test above: a change that makes SQLite roll back the
+    # whole transaction takes the hits waiting for that transaction with it,
+    # and each hit's caller must hear it.
+    db = store._w
+    db.run("CREATE TABLE t (name TEXT, blob BLOB)")
+    async with db.execute("PRAGMA page_count") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    db.run(f"PRAGMA max_page_count={row[0] + 20}")
+    path = tmp_path / "gateway.db"
+
+    async def filler() -> bool:
+        try:
+            async with store._transaction() as tx:
+                await tx.execute("INSERT INTO t VALUES (?, ?)", ("big", b"x" * 400_000))
+        except sqlite3.Error:
+            return False
+        return True
+
+    async def told(task_id: str) -> bool:
+        try:
+            return await hit(store, task_id, path)
+        except sqlite3.Error:
+            return False
+
+    await told("warm")  # the store is busy from here on: later changes share groups
+    results = await asyncio.gather(told("h1"), filler(), told("h2"), told("h3"))
+    after = await told("after")
+    stored = {r[0] for r in committed(path, "SELECT id FROM tasks")}
+    assert results[1] is False
+    assert after and "after" in stored
+    said = {name for name, ok in zip(["h1", "big", "h2", "h3"], results, strict=True) if ok}
+    assert said == stored & {"h1", "h2", "h3"}, (results, stored)
+    # h1 shared the filler's transaction (so the failure path ran); the hits
+    # after it began the next one.
+    assert results[0] is False and "h1" not in stored, (results, stored)

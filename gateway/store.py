@@ -357,7 +357,7 @@ class Store:
         # way: see _exclusive().
         self._gate = asyncio.Event()
         self._gate.set()
-        self._group: asyncio.Future[None] | None = None
+        self._group: _Group | None = None
         self._group_changes = 0
         self._group_opened = 0.0
         self._last_change = 0.0
@@ -506,7 +506,7 @@ class Store:
             await self._gate.wait()
         self._gate.clear()
 
-    async def _open_change(self, savepoint: bool = True) -> tuple[asyncio.Future[None], bool]:
+    async def _open_change(self, savepoint: bool = True) -> tuple[_Group, bool]:
         """Start a change (the caller holds the gate): join the open group or begin one.
 
         Returns the group and whether this change must commit it as soon as it
@@ -519,7 +519,7 @@ class Store:
         if self._group is None:
             await self._begin()
             loop = asyncio.get_running_loop()
-            self._group = loop.create_future()
+            self._group = _Group(loop=loop)
             self._group_inserts = []
             self._group_changes = 0
             self._group_opened = now = time.monotonic()
@@ -538,7 +538,7 @@ class Store:
         self._w.run("SAVEPOINT change")
         return group, commit_now
 
-    def _commit_group(self, group: asyncio.Future[None], seen: int) -> None:
+    def _commit_group(self, group: _Group, seen: int) -> None:
         """Commit once a turn of the loop brought no new change (or the group is old).
 
         Committing at the first turn after the group opened made groups of one
@@ -563,7 +563,7 @@ class Store:
         if self._group is not None:
             self._commit(self._group)
 
-    def _fail_group(self, group: asyncio.Future[None], exc: BaseException | None) -> None:
+    def _fail_group(self, group: _Group, exc: BaseException | None) -> None:
         """Tell every change of a group SQLite rolled back that it did not happen."""
         if self._group is group:
             self._group = None
@@ -576,7 +576,7 @@ class Store:
             # own exception already says it, so no "never retrieved" noise.
             group.exception()
 
-    def _abandon(self, group: asyncio.Future[None]) -> None:
+    def _abandon(self, group: _Group) -> None:
         """Roll back a group whose only change failed; nobody else waits on it."""
         self._group = None
         self._group_inserts = []
@@ -587,7 +587,7 @@ class Store:
         finally:
             group.set_result(None)
 
-    def _commit(self, group: asyncio.Future[None]) -> None:
+    def _commit(self, group: _Group) -> None:
         self._group = None
         inserts, self._group_inserts = self._group_inserts, []
         try:
@@ -1046,7 +1046,7 @@ class _Change:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._group: asyncio.Future[None] | None = None
+        self._group: _Group | None = None
         self._commit_now = False
 
     async def __aenter__(self) -> _Connection:
@@ -1086,7 +1086,22 @@ class _Change:
             await _committed(group)
 
 
-async def _committed(group: asyncio.Future[None]) -> None:
+class _Group(asyncio.Future[None]):
+    """A group commit's outcome, awaited by every change in it.
+
+    It refuses cancel(): a waiter being cancelled cancels the future it awaits,
+    which would tell every other change in the group that it failed. The
+    cancelled waiter is instead woken when the group is done; see
+    _committed(). This replaced asyncio.shield() around a plain future, which
+    put one more future and one more turn-of-the-loop callback between each
+    commit and each of its waiters.
+    """
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        return False
+
+
+async def _committed(group: _Group) -> None:
     """Wait for a group's COMMIT; a cancellation meanwhile is delivered after it.
 
     The change is already part of the group and will commit whatever the caller
@@ -1094,19 +1109,16 @@ async def _committed(group: asyncio.Future[None]) -> None:
     reservation the submit path then never settles). Instead the caller learns
     the outcome and is cancelled at its next await.
     """
-    cancelled = False
-    while not group.done():
-        try:
-            await asyncio.shield(group)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or group.cancelled():
-                raise
-            task.uncancel()
-            cancelled = True
-    if cancelled:
+    try:
+        await group
+        return
+    except asyncio.CancelledError:
         task = asyncio.current_task()
-        assert task is not None
+        if task is None or not group.done():
+            raise
+        # Woken by the commit with the cancellation pending: hand it back for
+        # the caller's next await, after the caller has heard the outcome.
+        task.uncancel()
         task.cancel()
     group.result()
 

@@ -323,7 +323,7 @@ class Gateway:
             state="success", result_json=result_json, images=images, complete_ms=created,
         )
         task = await self.store.create_task(task, idempotency=self._idem(opts), now_ms=created)
-        self.metrics.cache_lookups.labels(sub.model, "hit").inc()
+        self.metrics.count_cache(sub.model, "hit")
         self._finished([task])
         return Submitted(task.id, "hit")
 
@@ -336,7 +336,7 @@ class Gateway:
             team, sub, opts, identity, "joined", created, state="pending", leader_id=leader_id,
         )
         task = await self.store.create_task(task, idempotency=self._idem(opts), now_ms=created)
-        self.metrics.cache_lookups.labels(sub.model, "joined").inc()
+        self.metrics.count_cache(sub.model, "joined")
         if task.is_final:
             self._finished([task])
         else:
@@ -372,7 +372,7 @@ class Gateway:
         self.metrics.tasks_in_flight.labels(team.name).set(self.limits.in_flight(team.name))
         # Counted once admitted, like hits and joins: a submit refused with 402/429
         # is a rejection, and counting it as a miss would dilute the hit rate.
-        self.metrics.cache_lookups.labels(sub.model, cache).inc()
+        self.metrics.count_cache(sub.model, cache)
         try:
             upstream_id = await self.upstream.submit(sub.model, task.request_json)
             await self.store.mark_submitted(task.id, upstream_id)

@@ -122,6 +122,7 @@ class Metrics:
         )
         self._fail_codes: set[str] = set()
         self._request_series: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+        self._cache_series: dict[tuple[str, str], Counter] = {}
 
     def observe_request(
         self, endpoint: str, model: str, team: str, code: int, seconds: float
@@ -140,6 +141,13 @@ class Metrics:
             )
         series[0].inc()
         series[1].observe(seconds)
+
+    def count_cache(self, model: str, result: str) -> None:
+        """One submit's cache decision; the children are kept as in observe_request()."""
+        child = self._cache_series.get((model, result))
+        if child is None:
+            child = self._cache_series[model, result] = self.cache_lookups.labels(model, result)
+        child.inc()
 
     def fail_code_label(self, code: str | None) -> str:
         code = (code or "unknown")[:MAX_FAIL_CODE_CHARS]

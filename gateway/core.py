@@ -469,10 +469,14 @@ class Gateway:
             # Hits end the moment they start; counting them would hide upstream latency.
             if task.cache != "hit" and task.fail_code != "UpstreamRejected":
                 self.metrics.task_duration.labels(task.model, task.state).observe(max(0, seconds))
-            _log_state(
-                "task final", task, fail_code=task.fail_code, images=task.images,
-                charged_usd=micros_to_usd(task.charged_micros), seconds=round(seconds, 3),
-            )
+            # A hit is born final and never changes state: its request line
+            # (cache=hit, task_id) is its whole story, and a second line for
+            # it was about a fifteenth of a hit's cost.
+            if task.cache != "hit":
+                _log_state(
+                    "task final", task, fail_code=task.fail_code, images=task.images,
+                    charged_usd=micros_to_usd(task.charged_micros), seconds=round(seconds, 3),
+                )
         if callbacks:
             self.callbacks.wake()
 

@@ -117,11 +117,12 @@ async def test_one_json_line_per_request_and_per_task_state(
 
     # Task state changes: each state once, in order, ending in exactly one final line.
     order = ["pending", "processing", "success", "failed"]
-    for task_id, final in ((leader, "success"), (follower, "success"), (failed, "failed"),
-                           (hit, "success")):
+    for task_id, final in ((leader, "success"), (follower, "success"), (failed, "failed")):
         states = [line["state"] for line in task_lines(gw, task_id)]
         assert states == sorted(set(states), key=order.index), (task_id, states)
         assert [s for s in states if s in ("success", "failed")] == [final], states
+    # A hit is born final: its request line is its only line.
+    assert submits["sub-4"]["task_id"] == hit and task_lines(gw, hit) == []
     assert task_lines(gw, leader)[0]["state"] == "pending"
     assert task_lines(gw, follower)[0]["cache"] == "joined"
     final_failed = task_lines(gw, failed)[-1]

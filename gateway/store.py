@@ -590,6 +590,13 @@ class Store:
     def _commit(self, group: _Group) -> None:
         self._group = None
         inserts, self._group_inserts = self._group_inserts, []
+        if not self._w.in_transaction:
+            # SQLite rolled the group's transaction back under it (an I/O error
+            # in a read on this connection). Its waiting inserts must not run
+            # now: outside a transaction each would commit on its own while
+            # their callers are told the group failed.
+            self._fail_group(group, None)
+            return
         try:
             if inserts:
                 # A failure here is the group's, like a failed COMMIT: every
@@ -849,7 +856,8 @@ class Store:
             "LEFT JOIN outbox o ON o.task_id = t.id"
             + (" WHERE " + " AND ".join(where) if where else "")
             # Tasks are inserted as they are created, so rowid order is creation
-            # order; a team's list walks tasks_team_created instead.
+            # order (to within one group commit: hits are inserted at its end);
+            # a team's list walks tasks_team_created instead.
             + (" ORDER BY t.create_ms DESC, t.rowid DESC" if team is not None
                else " ORDER BY t.rowid DESC")
             + " LIMIT ?"

@@ -249,3 +249,28 @@ async def test_hits_in_a_group_that_sqlite_rolls_back_are_told_so(
     # h1 shared the filler's transaction (so the failure path ran); the hits
     # after it began the next one.
     assert results[0] is False and "h1" not in stored, (results, stored)
+
+
+async def test_hits_of_a_group_sqlite_rolled_back_between_changes_are_not_written(
+    store: Store, tmp_path: Path
+) -> None:
+    # SQLite can roll the transaction back outside any change (an I/O error in
+    # a read on the writer connection). The hits waiting for that group's
+    # commit must then fail with it, not be inserted one by one outside it.
+    path = tmp_path / "gateway.db"
+    await reserve(store, "warm")  # busy: the hit below waits a turn for company
+
+    async def told(task_id: str) -> str:
+        try:
+            await store.create_task(hit_task(task_id), idempotency=None, now_ms=now_ms())
+        except sqlite3.Error:
+            return "failed"
+        return "committed"
+
+    waiting = asyncio.create_task(told("h1"))
+    await asyncio.sleep(0)  # h1 is in the open group
+    store._w.run("ROLLBACK")  # what SQLite does by itself on such an error
+    assert await waiting == "failed"
+    assert committed(path, "SELECT id FROM tasks WHERE id = 'h1'") == []
+    assert committed(path, "SELECT task_id FROM ledger WHERE task_id = 'h1'") == []
+    assert await told("h2") == "committed"  # and the store goes on

@@ -520,7 +520,6 @@ class Store:
             await self._begin()
             loop = asyncio.get_running_loop()
             self._group = _Group(loop=loop)
-            self._group_inserts = []
             self._group_changes = 0
             self._group_opened = now = time.monotonic()
             # Nobody else has written lately: waiting a turn for company
@@ -566,8 +565,7 @@ class Store:
     def _fail_group(self, group: _Group, exc: BaseException | None) -> None:
         """Tell every change of a group SQLite rolled back that it did not happen."""
         if self._group is group:
-            self._group = None
-            self._group_inserts = []
+            self._end_group()
         if not group.done():
             group.set_exception(sqlite3.OperationalError(
                 f"the transaction was rolled back by an error in another change: {exc!r}"
@@ -578,8 +576,7 @@ class Store:
 
     def _abandon(self, group: _Group) -> None:
         """Roll back a group whose only change failed; nobody else waits on it."""
-        self._group = None
-        self._group_inserts = []
+        self._end_group()
         try:
             # Some errors (a full disk) make SQLite roll back by itself.
             if self._w.in_transaction:
@@ -587,9 +584,14 @@ class Store:
         finally:
             group.set_result(None)
 
-    def _commit(self, group: _Group) -> None:
+    def _end_group(self) -> list[tuple[TaskRecord, int]]:
+        """Close the open group to new changes; returns the inserts left for its commit."""
         self._group = None
         inserts, self._group_inserts = self._group_inserts, []
+        return inserts
+
+    def _commit(self, group: _Group) -> None:
+        inserts = self._end_group()
         if not self._w.in_transaction:
             # SQLite rolled the group's transaction back under it (an I/O error
             # in a read on this connection). Its waiting inserts must not run
@@ -601,7 +603,7 @@ class Store:
             if inserts:
                 # A failure here is the group's, like a failed COMMIT: every
                 # change in it learns that it did not happen.
-                _insert_final(self._w, inserts)
+                _insert_free_tasks(self._w, inserts)
             self._w.run("COMMIT")
         except BaseException as exc:
             try:
@@ -702,13 +704,9 @@ class Store:
                         task = _follow(task, leader)
                     elif leader.state != task.state:
                         task = task._replace(state=leader.state)
-            await db.execute(_TASK_INSERT, task)  # its fields are the columns
-            if task.saved_micros:
-                await _ledger(db, task, "saving", task.saved_micros, task.images, now_ms)
+            _insert_free_tasks(db, [(task, now_ms)])
             if idempotency is not None:
                 await _remember_idempotency(db, task, idempotency, now_ms)
-            if task.is_final and task.callback_url:
-                await _enqueue_callback(db, task, now_ms)
         return task
 
     async def _insert_at_commit(self, task: TaskRecord, now_ms: int) -> None:
@@ -1188,8 +1186,9 @@ async def _ledger(
     )
 
 
-def _insert_final(db: _Connection, items: list[tuple[TaskRecord, int]]) -> None:
-    """The rows create_task() writes for final tasks, for many tasks at once."""
+def _insert_free_tasks(db: _Connection, items: list[tuple[TaskRecord, int]]) -> None:
+    """The rows of new tasks that cost nothing (hits, joins): each task, its
+    saving, its webhook if it is already final. One statement per table."""
     db.run_many(_TASK_INSERT, [task for task, _ in items])  # its fields are the columns
     db.run_many(_LEDGER_INSERT, [
         (now, task.team, task.model, task.id, "saving", task.saved_micros, task.images,
@@ -1197,7 +1196,8 @@ def _insert_final(db: _Connection, items: list[tuple[TaskRecord, int]]) -> None:
         for task, now in items if task.saved_micros
     ])
     db.run_many(_OUTBOX_INSERT, [
-        (task.id, task.callback_url, now, now) for task, now in items if task.callback_url
+        (task.id, task.callback_url, now, now)
+        for task, now in items if task.is_final and task.callback_url
     ])
 
 

@@ -14,8 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachetools import LRUCache
 
@@ -51,16 +50,14 @@ STATUS_BODY_ENTRIES = 10_000
 REFUNDED_REFUSALS = frozenset({"budget", "concurrency", "busy"})
 
 
-@dataclass(frozen=True)
-class SubmitOptions:
+class SubmitOptions(NamedTuple):  # built on every submit: see store.TaskRecord
     body_hash: str
     idempotency_key: str | None = None
     no_cache: bool = False
     no_store: bool = False
 
 
-@dataclass(frozen=True)
-class Submitted:
+class Submitted(NamedTuple):
     task_id: str
     cache: str  # hit | miss | joined | bypass
     replayed: bool = False

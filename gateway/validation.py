@@ -6,8 +6,7 @@ models get the generic checks only (the gateway does not know their inputs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.cache import request_identity
 from gateway.errors import APIError
@@ -19,8 +18,9 @@ MAX_PROMPT_CHARS = 5000
 MAX_REFERENCE_IMAGES = 1
 
 
-@dataclass(frozen=True)
-class Submission:
+class Submission(NamedTuple):
+    """A valid submit body. A NamedTuple for the reasons store.TaskRecord is one."""
+
     model: str
     input: dict[str, Any]  # with defaults filled in
     provider: str

@@ -13,13 +13,15 @@ from typing import Any
 
 from aiohttp import web
 
-STATUS_KEY = web.AppKey("status_body", dict)
+STATUS_KEY = web.AppKey("status_body", bytes)
 
 
 async def status_task(request: web.Request) -> web.Response:
-    # The same envelope the gateway answers for a final task, encoded per request
-    # as the gateway does.
-    return web.json_response(request.app[STATUS_KEY])
+    # The gateway's answer for a final task, encoded once at start: the gateway
+    # too encodes a final task's answer once, so the ceiling is the response alone.
+    return web.Response(
+        body=request.app[STATUS_KEY], content_type="application/json", charset="utf-8"
+    )
 
 
 async def generate_task(request: web.Request) -> web.Response:
@@ -41,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     app = web.Application()
     body: dict[str, Any] = json.loads(args.status_json)
-    app[STATUS_KEY] = body
+    app[STATUS_KEY] = json.dumps(body).encode()
     app.router.add_get("/api/v1/statusTask/{model}", status_task)
     app.router.add_post("/api/v1/generateTask/{model}", generate_task)
     app.router.add_get("/healthz", healthz)

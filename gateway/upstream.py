@@ -45,7 +45,11 @@ def _retry_after(headers: Any) -> float | None:
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
-    """Full jitter: spread retries so a recovering upstream is not hit in lockstep."""
+    """Half the capped exponential delay plus up to as much again at random.
+
+    The random half spreads retries so a recovering upstream is not hit in
+    lockstep; the fixed half keeps a retry from coming back at once.
+    """
     ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt)
     return rng.uniform(ceiling / 2, ceiling)
 

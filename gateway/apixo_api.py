@@ -16,6 +16,7 @@ from gateway.cache import canonical_json
 from gateway.config import TeamConfig
 from gateway.core import SubmitOptions
 from gateway.errors import APIError
+from gateway.exchange import exchange
 from gateway.money import micros_to_usd
 from gateway.validation import Submission, invalid, validate_submit
 
@@ -25,7 +26,7 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 def _team(request: web.Request) -> TeamConfig:
     team = request.app[GATEWAY].authenticate(request.headers.get("Authorization"))
-    request["team"] = team.name
+    exchange(request).team = team.name
     return team
 
 
@@ -36,7 +37,7 @@ def _model(request: web.Request) -> str:
         served = ", ".join(sorted(pricing)) or "none"
         raise APIError(404, f"Model {model!r} is not served by this gateway (served: {served})",
                        message="Model not found", reason="invalid")
-    request["model"] = model
+    exchange(request).model = model
     return model
 
 
@@ -152,9 +153,10 @@ async def generate_task(request: web.Request) -> web.Response:
     team = _team(request)
     model = _model(request)
     body, submission = request.app[PARSED_BODIES].parse(model, await _read_body(request))
+    info = exchange(request)
     prompt = submission.input.get("prompt")
     if isinstance(prompt, str):
-        request["prompt"] = prompt  # logged only with [logging] log_prompts = true
+        info.prompt = prompt  # logged only with [logging] log_prompts = true
     no_cache, no_store = _cache_control(request)
     idempotency_key = _idempotency_key(request)
     opts = SubmitOptions(
@@ -168,8 +170,8 @@ async def generate_task(request: web.Request) -> web.Response:
     # server runs with handler_cancellation=False, see cli.cmd_serve), so the
     # pipeline never stops half-way: a reservation without its upstream task.
     result = await gateway.submit(team, submission, opts)
-    request["cache"] = result.cache
-    request["task_id"] = result.task_id
+    info.cache = result.cache
+    info.task_id = result.task_id
     headers = {"X-Gateway-Cache": result.cache}
     if result.replayed:
         headers["X-Gateway-Idempotent-Replay"] = "true"
@@ -189,7 +191,7 @@ async def status_task(request: web.Request) -> web.Response:
     # Another team's task is indistinguishable from one that does not exist.
     if task is None or task.team != team.name or task.model != model:
         raise APIError(404, f"Task {task_id!r} not found", message="Task not found")
-    request["task_id"] = task.id
+    exchange(request).task_id = task.id
     return web.Response(
         body=gateway.status_body(task), content_type="application/json", charset="utf-8"
     )

@@ -21,6 +21,7 @@ from gateway.callbacks import Callbacks
 from gateway.config import Config
 from gateway.core import Gateway
 from gateway.errors import APIError
+from gateway.exchange import EXCHANGE, Exchange
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.simulator import create_simulator_app
@@ -73,7 +74,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-Id", "").strip()
     if not request_id or not _REQUEST_ID.fullmatch(request_id):
         request_id = f"{_ID_PREFIX}{next(_id_counter):016x}"
-    request["request_id"] = request_id
+    info = request[EXCHANGE] = Exchange(request_id)
     metrics = request.app[METRICS]
     try:
         try:
@@ -84,9 +85,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise APIError(exc.status, exc.reason, message=exc.reason) from None
     except APIError as exc:
         response = jsonio.json_response(exc.envelope(), status=exc.code, headers=exc.headers)
-        request["error"] = exc.error
+        info.error = exc.error
         if exc.reason is not None:
-            metrics.rejections.labels(request.get("team", "none"), exc.reason).inc()
+            metrics.rejections.labels(info.team, exc.reason).inc()
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -99,22 +100,29 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     response.headers["X-Request-Id"] = request_id
     elapsed = time.perf_counter() - started
     endpoint = _endpoint(request)
-    team = request.get("team", "none")
-    model = request.get("model", "none")
+    team = info.team
+    model = info.model
     metrics.observe_request(endpoint, model, team, response.status, elapsed)
     # Scrapes are not logged: one line every few seconds would drown the requests.
     if endpoint != "metrics" and log.isEnabledFor(logging.INFO):
-        fields = {
+        fields: dict[str, object] = {
             "event": "request", "request_id": request_id, "method": request.method,
             "path": request.path, "endpoint": endpoint, "team": team, "model": model,
-            "status": response.status, "cache": request.get("cache"),
-            "task_id": request.get("task_id"), "error": request.get("error"),
-            # Whole microseconds: round(x, 3) formats a string on every call.
-            "duration_ms": int(elapsed * 1_000_000) / 1000,
+            "status": response.status,
         }
+        # Only what is set: a line has no nulls, and leaving them out here
+        # spares the formatter filtering them on every line.
+        if info.cache is not None:
+            fields["cache"] = info.cache
+        if info.task_id is not None:
+            fields["task_id"] = info.task_id
+        if info.error is not None:
+            fields["error"] = info.error
+        # Whole microseconds: round(x, 3) formats a string on every call.
+        fields["duration_ms"] = int(elapsed * 1_000_000) / 1000
         # Prompts can be personal or confidential: logged only when the operator opts in.
-        if request.app[CONFIG].logging.log_prompts:
-            fields["prompt"] = request.get("prompt")
+        if info.prompt is not None and request.app[CONFIG].logging.log_prompts:
+            fields["prompt"] = info.prompt
         # Formatted and written after the response has gone (DeferredStreamHandler).
         log_event(log, "request", fields)
     return response

@@ -71,16 +71,16 @@ class JsonFormatter(logging.Formatter):
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         millis = int((event.created - second) * 1000)
-        entry: dict[str, Any] = {
+        fields = event.fields
+        if None in fields.values():  # a scan in C; the request line leaves out its Nones
+            fields = {k: v for k, v in fields.items() if v is not None}
+        return _encode({
             "ts": f"{self._stamp}.{millis:03d}Z",
             "level": event.levelname.lower(),
             "logger": event.name,
             "msg": event.msg,
-        }
-        for key, value in event.fields.items():
-            if value is not None:
-                entry[key] = value
-        return _encode(entry)
+            **fields,
+        })
 
 
 class TextFormatter(logging.Formatter):
@@ -148,12 +148,17 @@ class DeferredStreamHandler(logging.StreamHandler[TextIO]):
 
     def _write(self, records: list[logging.LogRecord | Event]) -> None:
         formatter = self.formatter
+        # log_event() hands Events only to a handler with one of these formatters.
+        format_event = (
+            formatter.format_event
+            if isinstance(formatter, JsonFormatter | TextFormatter) else None
+        )
         lines: list[str] = []
         for record in records:
             try:
                 if isinstance(record, Event):
-                    assert isinstance(formatter, JsonFormatter | TextFormatter)
-                    lines.append(formatter.format_event(record))
+                    if format_event is not None:
+                        lines.append(format_event(record))
                 else:
                     lines.append(self.format(record))
             except Exception:

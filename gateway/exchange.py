@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+# The request-storage key observe() puts each request's Exchange under.
+EXCHANGE = "gateway.exchange"
+
 
 class Exchange:
     """The request line's fields, on one object in the request's storage.
@@ -30,5 +33,3 @@ def exchange(request: web.Request) -> Exchange:
     found: Exchange = request[EXCHANGE]
     return found
 
-
-EXCHANGE = "gateway.exchange"

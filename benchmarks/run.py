@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -578,6 +579,39 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _fixed_work() -> None:
+    # About what one step of a request does in Python: small dicts, strings, JSON.
+    for i in range(40):
+        body = json.dumps({"taskId": f"gw_{i:024x}", "state": "success", "n": i})
+        json.loads(body)["taskId"].upper()
+
+
+def idle_wake_cost(reps: int = 300, idle_seconds: float = 0.005) -> dict[str, float]:
+    """The same fixed piece of Python run back to back, then each time after the
+    process slept: what waking from idle costs on this machine.
+
+    A paced request finds its server idle, so it pays this on every step that
+    follows a wait (the request's arrival, the upstream's answer); a saturated
+    one never does. On a virtual machine whose idle vCPU halts, the wake-up and
+    the caches it lost show up as CPU time of the request.
+    """
+    def median_us(pause: float) -> float:
+        times = []
+        for _ in range(reps):
+            if pause:
+                time.sleep(pause)
+            started = time.perf_counter_ns()
+            _fixed_work()
+            times.append((time.perf_counter_ns() - started) / 1000)
+        return statistics.median(times)
+
+    median_us(0)  # warm the code
+    busy = median_us(0)
+    after_idle = median_us(idle_seconds)
+    return {"busy_us": round(busy, 1), "after_idle_us": round(after_idle, 1),
+            "idle_ms": idle_seconds * 1000, "ratio": round(after_idle / busy, 2)}
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
 
@@ -618,6 +652,15 @@ def tables(result: dict[str, Any]) -> str:
         f"{m['load_average_at_start']}.",
         "",
     ]
+    wake = m.get("idle_wake")
+    if wake:
+        lines += [
+            f"Waking from idle: a fixed piece of Python took {wake['busy_us']:,.0f} µs run "
+            f"back to back and {wake['after_idle_us']:,.0f} µs after a {wake['idle_ms']:g} ms "
+            f"sleep ({wake['ratio']:.2f}x). Paced requests find their servers idle and pay "
+            f"this on every step that follows a wait; see the paced CPU columns.",
+            "",
+        ]
     plan = result["plan"]
     if result.get("submit_miss"):
         lines += [
@@ -628,7 +671,8 @@ def tables(result: dict[str, Any]) -> str:
             f"{plan.get('paced_rounds', 1)} runs. Added = gateway - direct.",
             "",
             "| clients | direct req/s | gateway req/s | ratio | direct p50 / p99 ms "
-            "| gateway p50 / p95 / p99 ms | added p50 / p95 / p99 ms | gateway CPU µs/req |",
+            "| gateway p50 / p95 / p99 ms | added p50 / p95 / p99 ms "
+            "| gateway CPU µs/req saturated / paced |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in result["submit_miss"]:
@@ -639,7 +683,7 @@ def tables(result: dict[str, Any]) -> str:
                 f"| {d['p50_ms']:.2f} / {d['p99_ms']:.2f} "
                 f"| {g['p50_ms']:.2f} / {g['p95_ms']:.2f} / {g['p99_ms']:.2f} "
                 f"| {a['p50']:.2f} / {a['p95']:.2f} / {a['p99']:.2f} "
-                f"| {_cpu(r['gateway_saturated'])} |"
+                f"| {_cpu(r['gateway_saturated'])} / {_cpu(g)} |"
             )
         lines += [
             "",
@@ -651,8 +695,9 @@ def tables(result: dict[str, Any]) -> str:
             "",
             "| clients | pass-through req/s | pass-through added p50 / p99 ms "
             "| gateway added p50 / p99 ms | gateway beyond pass-through p50 / p99 ms "
-            "| pass-through CPU µs/req |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| pass-through CPU µs/req saturated / paced | direct (simulator) CPU µs/req "
+            "saturated / paced |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in result["submit_miss"]:
             f, a = r.get("passthrough_added_ms"), r["added_ms"]
@@ -662,7 +707,8 @@ def tables(result: dict[str, Any]) -> str:
                 f"| {r['clients']} | {r['passthrough_saturated']['rps']:,.0f} "
                 f"| {f['p50']:.2f} / {f['p99']:.2f} | {a['p50']:.2f} / {a['p99']:.2f} "
                 f"| {a['p50'] - f['p50']:.2f} / {a['p99'] - f['p99']:.2f} "
-                f"| {_cpu(r['passthrough_saturated'])} |"
+                f"| {_cpu(r['passthrough_saturated'])} / {_cpu(r['passthrough_paced'])} "
+                f"| {_cpu(r['direct_saturated'])} / {_cpu(r['direct_paced'])} |"
             )
         lines.append("")
     for key, title in (("status", "Status poll of a final task"),
@@ -766,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(plan).items()},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    result["machine"]["idle_wake"] = idle_wake_cost()
     try:
         if "submit" in sections:
             result["submit_miss"] = bench.submit_miss()

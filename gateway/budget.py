@@ -91,10 +91,12 @@ class Budgets:
             raise over_budget(team, exc.usage, task.reserved_micros) from None
 
     async def settle(
-        self, task_id: str, outcome: Outcome, *, cache_key: str | None, cache_ttl_ms: int
+        self, task_id: str, outcome: Outcome, *, cache_key: str | None, cache_ttl_ms: int,
+        forget_idempotency: bool = False,
     ) -> list[TaskRecord]:
         return await self._store.finish(
-            task_id, outcome, cache_key=cache_key, cache_ttl_ms=cache_ttl_ms
+            task_id, outcome, cache_key=cache_key, cache_ttl_ms=cache_ttl_ms,
+            forget_idempotency=forget_idempotency,
         )
 
     async def view(self, team: TeamConfig, today: date | None = None) -> BudgetView:

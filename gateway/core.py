@@ -174,13 +174,12 @@ class Gateway:
             if task.upstream_id is None:
                 # It may or may not have reached upstream; we never resubmit,
                 # so the team gets its reservation back.
+                # The client never got an answer: its retry with the same
+                # Idempotency-Key must try again, not replay this failure.
                 await self.finish(task.id, Outcome(
                     "failed", now_ms(), fail_code="GatewayRestart",
                     fail_msg="The gateway restarted before APIXO accepted the task",
-                ))
-                # The client never got an answer: its retry with the same
-                # Idempotency-Key must try again, not replay this failure.
-                await self.store.forget_idempotency(task.id)
+                ), forget_idempotency=True)
         for task in leaders:
             if task.upstream_id is None:
                 continue
@@ -380,18 +379,23 @@ class Gateway:
             if flight is not None and key is not None and isinstance(exc, APIError):
                 self.flights.abort(key, flight, refusal=exc)
             refused = Outcome("failed", now_ms(), fail_code="UpstreamRejected", fail_msg=why)
+            # The client gets an error, so a retry with the same Idempotency-Key
+            # must try again rather than replay a task that never existed upstream.
+            forget = opts.idempotency_key is not None
             try:
-                await asyncio.shield(self.finish(task.id, refused))
+                await asyncio.shield(self.finish(task.id, refused, forget_idempotency=forget))
             except Exception:
                 # A failed write (disk full) must not leave the reservation and
                 # the lease held until a restart, nor hide the client's error.
                 log.exception("settling a refused submit failed; retrying",
                               extra={"task_id": task.id})
                 self.tracker.settle_later(task, refused)
-            # The client got an error, so a retry with the same Idempotency-Key
-            # must try again rather than replay a task that never existed upstream.
-            if opts.idempotency_key is not None:
-                await self.store.forget_idempotency(task.id)
+                if forget:
+                    try:
+                        await self.store.forget_idempotency(task.id)
+                    except Exception:
+                        log.exception("forgetting the Idempotency-Key of a refused submit "
+                                      "failed", extra={"task_id": task.id})
             _tag_cache(exc, cache)
             raise
         task = task._replace(state="pending", upstream_id=upstream_id)
@@ -414,7 +418,9 @@ class Gateway:
     async def _on_outcome(self, task: TaskRecord, outcome: Outcome) -> None:
         await self.finish(task.id, outcome)
 
-    async def finish(self, task_id: str, outcome: Outcome) -> list[TaskRecord]:
+    async def finish(
+        self, task_id: str, outcome: Outcome, *, forget_idempotency: bool = False
+    ) -> list[TaskRecord]:
         task = self._views.get(task_id) or await self.store.get_task(task_id)
         key = None
         # A no-cache request ("bypass") only skipped the lookup: unless it also
@@ -424,7 +430,8 @@ class Gateway:
         ):
             key = self._cache_key(task.identity, task.team)
         finished = await self.budgets.settle(
-            task_id, outcome, cache_key=key, cache_ttl_ms=self.config.cache.ttl_seconds * 1000
+            task_id, outcome, cache_key=key, cache_ttl_ms=self.config.cache.ttl_seconds * 1000,
+            forget_idempotency=forget_idempotency,
         )
         self._finished(finished, cache_key=key)
         return finished

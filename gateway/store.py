@@ -727,15 +727,23 @@ class Store:
         *,
         cache_key: str | None,
         cache_ttl_ms: int,
+        forget_idempotency: bool = False,
     ) -> list[TaskRecord]:
         """Settle a task and its joined followers, exactly once.
 
         The UPDATE ... WHERE state IN (active) is a compare-and-set: of the
         tracker, the timeout and a restart, only the first to arrive settles.
         Returns the tasks this call finished (empty if it lost the race).
+
+        forget_idempotency: the client never got the task id (upstream refused,
+        or a restart found it never reached upstream), so the Idempotency-Key
+        must let a retry try again. Dropped in the settling transaction: in a
+        separate one, a kill between the two left the key replaying the failure.
         """
         now_ms = outcome.complete_ms
         async with self._transaction() as db:
+            if forget_idempotency:
+                await db.execute("DELETE FROM idempotency WHERE task_id = ?", (task_id,))
             async with db.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)) as cur:
                 row = await cur.fetchone()
             if row is None or _task(row).is_final:

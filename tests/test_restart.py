@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -233,3 +235,54 @@ async def test_kill9_with_joined_tasks_settles_every_follower_once(
     # Only the leader's team pays; joining is free.
     assert round(await alpha.balance(), 6) == BUDGET - PRICE
     assert await beta.balance() == BUDGET
+
+
+PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+# Loaded by the gateway's interpreter at start (sitecustomize): the process dies
+# the moment the settlement of an upstream refusal has committed, before the
+# client has its answer.
+_DIE_AFTER_REFUSAL = '''
+import os
+import gateway.core
+
+_finish = gateway.core.Gateway.finish
+
+
+async def finish(self, task_id, outcome, **kwargs):
+    finished = await _finish(self, task_id, outcome, **kwargs)
+    if outcome.fail_code == "UpstreamRejected":
+        os._exit(137)
+    return finished
+
+
+gateway.core.Gateway.finish = finish
+'''
+
+
+async def test_kill9_after_a_refusal_is_settled_lets_the_idempotent_retry_submit_again(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess, tmp_path: Path
+) -> None:
+    hook = tmp_path / "die-after-refusal"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_DIE_AFTER_REFUSAL)
+    gw = gateways([team("alpha", budget_usd=BUDGET)], upstream={"max_retries": 0},
+                  env={"PYTHONPATH": os.pathsep.join([str(hook), *PYTHONPATH])})
+    alpha = Client(http, gw.url, "key-alpha")
+    headers = {"Idempotency-Key": "order-18"}
+    await sim.faults(submit_errors=[400])
+    with pytest.raises(aiohttp.ClientError):
+        await alpha.submit(t2i("refused, then the gateway dies"), headers=headers)
+    assert gw.proc is not None and gw.proc.wait(10) == 137
+    gw.env["PYTHONPATH"] = os.pathsep.join(PYTHONPATH)
+    gw.start()
+    # The client never had an answer: its retry is a new attempt, not a
+    # replay of the refused task.
+    code, body, reply_headers = await alpha.submit(
+        t2i("refused, then the gateway dies"), headers=headers
+    )
+    assert code == 200, body
+    assert "X-Gateway-Idempotent-Replay" not in reply_headers
+    data = await alpha.wait_final(body["data"]["taskId"])
+    assert data["state"] == "success", data
+    assert (await sim.stats())["submits"] == 1
+    assert round(await alpha.balance(), 6) == BUDGET - PRICE

@@ -184,7 +184,7 @@ class Gateway:
             if task.upstream_id is None:
                 continue
             self.limits.restore(task.team, 1)
-            if task.cache == "miss" and self.config.cache.enabled:
+            if task.cache in ("miss", "bypass") and self.config.cache.enabled:
                 self.flights.adopt(self._cache_key(task.identity, task.team), task.id)
             self._views.put(task)
             self.tracker.track(task)
@@ -248,9 +248,11 @@ class Gateway:
 
     async def _decide(self, team: TeamConfig, sub: Submission, opts: SubmitOptions) -> Submitted:
         identity = sub.identity
-        if not self.config.cache.enabled or opts.no_cache:
+        if not self.config.cache.enabled:
             return await self._lead(team, sub, opts, identity, "bypass", None, None)
         key = self._cache_key(identity, team.name)
+        if opts.no_cache:
+            return await self._bypass(team, sub, opts, identity, key)
         while True:
             entry = self.cache.get_hot(key, now_ms())
             if entry is not None:
@@ -280,6 +282,23 @@ class Gateway:
             except BaseException:
                 self.flights.abort(key, flight)
                 raise
+
+    async def _bypass(
+        self, team: TeamConfig, sub: Submission, opts: SubmitOptions, identity: str, key: str
+    ) -> Submitted:
+        """A no-cache submit: it neither looks up nor joins, but others may join it.
+
+        Its task is as good an answer to an identical request as a miss's, so
+        when nothing identical is on its way it becomes the task they join.
+        """
+        if self.flights.get(key) is not None or self.flights.leader(key) is not None:
+            return await self._lead(team, sub, opts, identity, "bypass", None, None)
+        flight = self.flights.start(key)
+        try:
+            return await self._lead(team, sub, opts, identity, "bypass", key, flight)
+        except BaseException:
+            self.flights.abort(key, flight)
+            raise
 
     def _cache_key(self, identity: str, team: str) -> str:
         return cache_key(identity, self.config.cache.scope, team)

@@ -455,6 +455,28 @@ async def test_no_cache_skips_lookup_and_joining(
     assert (await teams_by_name(client))["alpha"]["spent_usd"] == 4 * PRICE
 
 
+async def test_a_plain_request_joins_a_no_cache_task_in_flight(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # no-cache is about the request that sends it: the task it starts is as good
+    # an answer as a miss's for an identical request without the header.
+    gw = gateways()
+    client = Client(http, gw.url, "key-alpha")
+    body = t2i(f"asked for fresh {IN_FLIGHT}")
+    fresh, kind = await accepted(client, body, {"Cache-Control": "no-cache"})
+    assert kind == "bypass"
+    joined, kind = await accepted(client, body)
+    assert kind == "joined"
+    # Another no-cache request still skips joining it.
+    own, kind = await accepted(client, body, {"Cache-Control": "no-cache"})
+    assert kind == "bypass"
+    first, second, third = await finals(client, [fresh, joined, own])
+    assert first["state"] == second["state"] == third["state"] == "success"
+    assert second["resultJson"] == first["resultJson"]
+    assert (await sim.stats())["submits"] == 2
+    assert (await teams_by_name(client))["alpha"]["spent_usd"] == 2 * PRICE
+
+
 async def test_no_cache_result_refreshes_the_cache(
     gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
 ) -> None:

@@ -209,15 +209,19 @@ async def test_health_and_readiness(gateways: Any, http: aiohttp.ClientSession) 
         assert r.status == 200  # the process itself still runs
 
 
+@pytest.mark.parametrize("leader", ["miss", "bypass"])
 async def test_kill9_with_joined_tasks_settles_every_follower_once(
-    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess, leader: str
 ) -> None:
     gw = gateways([team("alpha", budget_usd=BUDGET), team("beta", budget_usd=BUDGET)])
     alpha = Client(http, gw.url, "key-alpha")
     beta = Client(http, gw.url, "key-beta")
     body = t2i("[latency:2] one render, two teams")
-    code, first, headers = await alpha.submit(body)
-    assert code == 200 and headers["X-Gateway-Cache"] == "miss"
+    # A no-cache leader does not join, but is joined like a miss.
+    code, first, headers = await alpha.submit(
+        body, headers={"Cache-Control": "no-cache"} if leader == "bypass" else None
+    )
+    assert code == 200 and headers["X-Gateway-Cache"] == leader
     code, second, headers = await beta.submit(body)
     assert code == 200 and headers["X-Gateway-Cache"] == "joined"
     gw.kill9()

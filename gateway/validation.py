@@ -53,29 +53,33 @@ def _validate_grok_image(raw: dict[str, Any]) -> dict[str, Any]:
         raise invalid(
             f"input.prompt must not exceed {MAX_PROMPT_CHARS} characters, got {len(prompt)}"
         )
-    if mode == "text-to-image":
-        ratio = data.get("aspect_ratio", "1:1")
-        if ratio not in GROK_ASPECT_RATIOS:
-            raise invalid(
-                f"input.aspect_ratio must be one of {', '.join(GROK_ASPECT_RATIOS)}, got {ratio!r}"
-            )
-        data["aspect_ratio"] = ratio
-    else:
-        urls = data.get("image_urls")
-        if urls is None:
+    # The reference's notes hold whenever a field is given, whatever the mode:
+    # "Must be 1:1, 3:2, or 2:3 if provided"; image_urls "must be an array of
+    # strings and cannot contain more than 1 image".
+    ratio = data.get("aspect_ratio")
+    if ratio is None and mode == "text-to-image":
+        ratio = data["aspect_ratio"] = "1:1"
+    if ratio is not None and ratio not in GROK_ASPECT_RATIOS:
+        raise invalid(
+            f"input.aspect_ratio must be one of {', '.join(GROK_ASPECT_RATIOS)}, got {ratio!r}"
+        )
+    urls = data.get("image_urls")
+    if urls is None:
+        if mode == "image-to-image":
             raise invalid("Missing required field: input.image_urls (required for image-to-image)")
-        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-            raise invalid("input.image_urls must be an array of strings")
-        if not urls:
-            raise invalid("input.image_urls must not be empty for image-to-image")
-        if len(urls) > MAX_REFERENCE_IMAGES:
-            raise invalid(
-                f"input.image_urls must not contain more than {MAX_REFERENCE_IMAGES} image, "
-                f"got {len(urls)}"
-            )
-        for url in urls:
-            if not url.strip().lower().startswith(("http://", "https://")):
-                raise invalid(f"input.image_urls entries must be http(s) URLs, got {url!r}")
+        return data
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise invalid("input.image_urls must be an array of strings")
+    if not urls and mode == "image-to-image":
+        raise invalid("input.image_urls must not be empty for image-to-image")
+    if len(urls) > MAX_REFERENCE_IMAGES:
+        raise invalid(
+            f"input.image_urls must not contain more than {MAX_REFERENCE_IMAGES} image, "
+            f"got {len(urls)}"
+        )
+    for url in urls:
+        if not url.strip().lower().startswith(("http://", "https://")):
+            raise invalid(f"input.image_urls entries must be http(s) URLs, got {url!r}")
     return data
 
 

@@ -113,6 +113,14 @@ REJECTED: list[tuple[str, Any, list[str]]] = [
      i2i(image_urls=["https://example.com/a.png", "https://example.com/b.png"]),
      ["input.image_urls", "2"]),
     ("image_urls not http", i2i(image_urls=["ftp://example.com/a.png"]), ["input.image_urls"]),
+    # The notes hold whenever the field is given, in either mode.
+    ("image-to-image aspect_ratio invalid", i2i(aspect_ratio="16:9"),
+     ["input.aspect_ratio", "16:9"]),
+    ("image-to-image aspect_ratio a number", i2i(aspect_ratio=42), ["input.aspect_ratio", "42"]),
+    ("text-to-image image_urls a number", t2i("a cat", image_urls=5), ["input.image_urls"]),
+    ("text-to-image image_urls two urls",
+     t2i("a cat", image_urls=["https://example.com/a.png", "https://example.com/b.png"]),
+     ["input.image_urls", "2"]),
     ("request_type invalid", t2i("a cat") | {"request_type": "sync"}, ["request_type", "sync"]),
     ("callback without callback_url", t2i("a cat") | {"request_type": "callback"},
      ["callback_url"]),
@@ -177,6 +185,12 @@ async def test_every_listed_aspect_ratio_and_single_reference_image_pass(
     urls = ["https://example.com/ref.png"]
     forwarded = await forwarded_input(sim, client, i2i(image_urls=urls))
     assert forwarded["image_urls"] == urls and forwarded["mode"] == "image-to-image"
+    # A valid aspect_ratio in image-to-image is passed on as given, no default added.
+    forwarded = await forwarded_input(sim, client, i2i("with a ratio", image_urls=urls,
+                                                       aspect_ratio="3:2"))
+    assert forwarded["aspect_ratio"] == "3:2"
+    assert "aspect_ratio" not in await forwarded_input(sim, client, i2i("no ratio",
+                                                                        image_urls=urls))
     # request_type may be omitted: async is the default.
     forwarded = await forwarded_input(
         sim, client, {"input": {"mode": "text-to-image", "prompt": "no request_type"}}

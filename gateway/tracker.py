@@ -33,9 +33,27 @@ OnOutcome = Callable[[TaskRecord, Outcome], Awaitable[None]]
 OnProcessing = Callable[[TaskRecord], Awaitable[None]]
 
 
-def outcome_from_status(data: dict[str, object], now_ms: int) -> Outcome | None:
+def completed_at(data: dict[str, object], created_ms: int, now_ms: int) -> int:
+    """When APIXO says the task finished, else now (when the gateway learnt it).
+
+    The gateway finds out at its next poll, up to poll_interval_seconds late (and
+    first_poll_seconds for a fast task), and clients read completeTime and
+    costTime as APIXO's. Kept between the task's creation here and now: the
+    two clocks may disagree, and a task cannot end before it began.
+    """
+    value = data.get("completeTime")
+    if not isinstance(value, int) or isinstance(value, bool):
+        return now_ms
+    return max(created_ms, min(value, now_ms))
+
+
+def outcome_from_status(
+    data: dict[str, object], now_ms: int, *, created_ms: int
+) -> Outcome | None:
     """A final Outcome from upstream's status data, or None while it is still running."""
     state = data.get("state")
+    if state in ("success", "failed"):
+        now_ms = completed_at(data, created_ms, now_ms)
     if state == "success":
         try:
             urls = json.loads(str(data.get("resultJson")))["resultUrls"]
@@ -167,7 +185,9 @@ class Tracker:
             log.exception("polling upstream failed, will ask again",
                           extra={"task_id": task.id})
         else:
-            outcome = outcome_from_status(data, int(time.time() * 1000))
+            outcome = outcome_from_status(
+                data, int(time.time() * 1000), created_ms=task.create_ms
+            )
             if outcome is not None:
                 await self._settle(task, outcome)
                 return

@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.tracker import completed_at
 from tests.conftest import Client, SimulatorProcess, t2i
 
 
@@ -36,3 +37,26 @@ async def test_quickstart_reaches_success_with_fetchable_png(
     # What went upstream is the client's input with defaults filled in.
     (forwarded,) = stats["tasks"].values()
     assert forwarded["input"]["prompt"] == "a cozy cyberpunk cafe with neon lights"
+
+
+async def test_complete_time_is_when_upstream_finished_not_when_the_gateway_polled(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # The gateway first asks 1.5 s after the submit; the task was done after 0.2 s.
+    gw = gateways(upstream={"first_poll_seconds": 1.5})
+    client = Client(http, gw.url, "key-alpha")
+    task_id = await client.submit_ok(t2i("[latency:0.2] done long before the first poll"))
+    data = await client.wait_final(task_id)
+    assert data["state"] == "success"
+    assert 200 <= data["costTime"] < 1000, data
+    assert data["costTime"] == data["completeTime"] - data["createTime"]
+
+
+def test_complete_time_from_a_skewed_upstream_clock_stays_within_the_task_life() -> None:
+    created, now = 1_000_000, 1_005_000
+    assert completed_at({"completeTime": 1_002_000}, created, now) == 1_002_000
+    assert completed_at({"completeTime": 2_000_000}, created, now) == now  # clock ahead
+    assert completed_at({"completeTime": 10}, created, now) == created  # clock behind
+    for missing in ({}, {"completeTime": None}, {"completeTime": "soon"},
+                    {"completeTime": True}, {"completeTime": 1_002_000.5}):
+        assert completed_at(missing, created, now) == now

@@ -473,6 +473,15 @@ class Gateway:
                 if known and task.charged_micros:
                     self.metrics.spend.add(task.team, task.model, task.charged_micros)
                     self.metrics.images.labels(task.team, task.model).inc(task.images)
+                if task.charged_micros > task.reserved_micros:
+                    # The budget check saw only the reservation (one image): say
+                    # so, since this is how a team can end up past its budget.
+                    log.warning("task charged more than it reserved", extra={
+                        "task_id": task.id, "team": task.team, "model": task.model,
+                        "images": task.images,
+                        "charged_usd": micros_to_usd(task.charged_micros),
+                        "reserved_usd": micros_to_usd(task.reserved_micros),
+                    })
                 if (
                     cache_key is not None and task.state == "success" and not task.no_store
                     and task.result_json is not None

@@ -371,6 +371,11 @@ async def test_charge_is_price_times_result_urls(
     assert row["remaining_usd"] == 4.79  # exact: integer micro-dollars, no float drift
     totals = check_ledger(gw.db)
     assert totals["spent"] == 210_000 and totals["images"] == 3 == (await sim.stats())["images"]
+    # The budget check saw one image's price: the operator is told about the rest.
+    lines = [json.loads(x) for x in gw.log.read_text().splitlines() if x.startswith("{")]
+    (warning,) = [x for x in lines if x["msg"] == "task charged more than it reserved"]
+    assert warning["level"] == "warning" and warning["team"] == "alpha"
+    assert (warning["charged_usd"], warning["reserved_usd"], warning["images"]) == (0.21, 0.07, 3)
 
 
 async def test_failed_timed_out_and_refused_tasks_are_refunded(

@@ -113,20 +113,34 @@ class Gateway:
 
     def apply_config(self, config: Config) -> None:
         """Swap teams, keys, budgets and limits; in-flight work keeps its leases."""
+        previous = getattr(self, "config", None)
         self.config = config
         self._keys = {digest: team for team in config.teams for digest in team.key_hashes}
         self._seen_keys = {}
         self.limits.global_max = config.upstream.max_concurrent
         self.metrics.upstream_max_concurrent.set(config.upstream.max_concurrent)
+        # Rebuilt whole: a limit the reload lifted must not stay drawn on the panel.
+        self.metrics.team_max_concurrent.clear()
         for team in config.teams:
             if team.max_concurrent is not None:
                 self.metrics.team_max_concurrent.labels(team.name).set(team.max_concurrent)
             self.metrics.tasks_in_flight.labels(team.name).set(self.limits.in_flight(team.name))
-            # Money series exist at 0 from the start, so the first dollar shows in rate().
-            for model in config.pricing:
-                self.metrics.spend.touch(team.name, model)
-                self.metrics.saved.touch(team.name, model)
-                self.metrics.images.labels(team.name, model)
+        if previous is not None:
+            for gone in {t.name for t in previous.teams} - {t.name for t in config.teams}:
+                self._show_in_flight(gone)
+        self.metrics.prepare((team.name for team in config.teams), config.pricing)
+
+    def _show_in_flight(self, team: str) -> None:
+        """Set a team's in-flight gauge; a team no longer configured keeps its
+        series only while its tasks are still in flight."""
+        n = self.limits.in_flight(team)
+        if n or self._is_team(team):
+            self.metrics.tasks_in_flight.labels(team).set(n)
+        else:
+            try:
+                self.metrics.tasks_in_flight.remove(team)
+            except KeyError:
+                pass
 
     def authenticate(self, authorization: str | None) -> TeamConfig:
         token = ""
@@ -157,10 +171,11 @@ class Gateway:
 
     async def resume(self) -> None:
         """Pick up tasks that were in flight when the previous process stopped."""
+        # Every team's money, configured now or not: a team a reload adds back
+        # must not start from 0 and jump at the next restart, and what a
+        # removed team spent stays spent.
         for kind_total in await self.store.ledger_totals():
             team, model, kind, amount, images = kind_total
-            if not self._is_team(team):
-                continue
             if kind == "charge":
                 self.metrics.spend.add(team, model, amount)
                 self.metrics.images.labels(team, model).inc(images)
@@ -188,9 +203,8 @@ class Gateway:
                 self.flights.adopt(self._cache_key(task.identity, task.team), task.id)
             self._views.put(task)
             self.tracker.track(task)
-        for team, n in (await self.store.in_flight_by_team()).items():
-            if self._is_team(team):
-                self.metrics.tasks_in_flight.labels(team).set(n)
+        for team in (await self.store.in_flight_by_team()):
+            self._show_in_flight(team)
 
     def _is_team(self, name: str) -> bool:
         return self.config.team(name) is not None
@@ -461,16 +475,13 @@ class Gateway:
         for task in tasks:
             self._views.put(task)
             callbacks = callbacks or task.callback_url is not None
-            known = self._is_team(task.team)
             seconds = (task.complete_ms or task.create_ms) / 1000 - task.create_ms / 1000
             if task.leader_id is None and task.cache in ("miss", "bypass"):
                 self.limits.release(task.team, seconds if task.state == "success" else None)
                 self.flights.land(task.id)
-                if known:
-                    self.metrics.tasks_in_flight.labels(task.team).set(
-                        self.limits.in_flight(task.team)
-                    )
-                if known and task.charged_micros:
+                self._show_in_flight(task.team)
+                # Counted whether or not a reload removed the team: the money was spent.
+                if task.charged_micros:
                     self.metrics.spend.add(task.team, task.model, task.charged_micros)
                     self.metrics.images.labels(task.team, task.model).inc(task.images)
                 if task.charged_micros > task.reserved_micros:
@@ -490,9 +501,9 @@ class Gateway:
                         cache_key, task.result_json, task.images, task.id,
                         (task.complete_ms or 0) + self.config.cache.ttl_seconds * 1000,
                     ))
-            if known and task.saved_micros:
+            if task.saved_micros:
                 self.metrics.saved.add(task.team, task.model, task.saved_micros)
-            if task.state == "failed" and known and task.fail_code not in (
+            if task.state == "failed" and task.fail_code not in (
                 "UpstreamRejected",
             ):
                 self.metrics.task_failures.labels(

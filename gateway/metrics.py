@@ -14,8 +14,26 @@ from gateway.money import Micros, micros_to_usd
 MAX_FAIL_CODES = 50
 MAX_FAIL_CODE_CHARS = 64
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# From 0.1 ms: a status poll or a cache hit is answered in well under a millisecond,
+# and a p95 needs buckets on both sides of it to move when it gets slower.
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+    5, 10, 30,
+)
 _TASK_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 15, 20, 25, 30, 45, 60, 90, 120, 300, 600, 900)
+
+
+# Label values known before any event happens. Their series are exported at 0
+# from the start: a series born with its first events already counted hides them
+# from increase() and rate() (there is no earlier sample to differ from), so a
+# first burst of failures or rejections would never reach an alert or a panel.
+CACHE_RESULTS = ("hit", "miss", "joined", "bypass")
+TASK_STATES = ("success", "failed")
+REJECTION_REASONS = ("unauthorized", "invalid", "budget", "concurrency", "rate_limit", "busy")
+UPSTREAM_OPERATIONS = ("submit", "status")
+# The codes an upstream outage shows up as; others are created at their first call.
+UPSTREAM_CODES = ("200", "error", "429", "500", "502", "503", "504")
+CALLBACK_OUTCOMES = ("delivered", "retried", "gave_up")
 
 
 class MoneyCounter:
@@ -80,7 +98,9 @@ class Metrics:
             "apixo_gateway_budget_usd", "Team budget for the current period", ["team"], registry=r,
         )
         self.budget_remaining = Gauge(
-            "apixo_gateway_budget_remaining_usd", "Team budget left in the current period",
+            "apixo_gateway_budget_remaining_usd",
+            "Team budget left in the current period: budget - spent - reserved, "
+            "negative if tasks returned more images than they reserved",
             ["team"], registry=r,
         )
         self.cache_lookups = Counter(
@@ -105,7 +125,9 @@ class Metrics:
             ["team", "model", "fail_code"], registry=r,
         )
         self.rejections = Counter(
-            "apixo_gateway_rejections", "Submits refused by the gateway",
+            "apixo_gateway_rejections",
+            "Requests refused by the gateway, by reason (any endpoint: a status poll "
+            "with a bad key is unauthorized too)",
             ["team", "reason"], registry=r,
         )
         self.upstream_requests = Counter(
@@ -123,6 +145,29 @@ class Metrics:
         self._fail_codes: set[str] = set()
         self._request_series: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
         self._cache_series: dict[tuple[str, str], Counter] = {}
+
+    def prepare(self, teams: Iterable[str], models: Iterable[str]) -> None:
+        """Export every series whose labels are known in advance at 0 (see CACHE_RESULTS)."""
+        models = list(models)
+        for model in models:
+            for result in CACHE_RESULTS:
+                self.cache_lookups.labels(model, result)
+            for state in TASK_STATES:
+                self.task_duration.labels(model, state)
+        # A request without a known key is counted as team "none".
+        for team in ("none", *teams):
+            for reason in REJECTION_REASONS if team != "none" else ("unauthorized",):
+                self.rejections.labels(team, reason)
+            if team != "none":
+                for model in models:
+                    self.spend.touch(team, model)
+                    self.saved.touch(team, model)
+                    self.images.labels(team, model)
+        for operation in UPSTREAM_OPERATIONS:
+            for code in UPSTREAM_CODES:
+                self.upstream_requests.labels(operation, code)
+        for outcome in CALLBACK_OUTCOMES:
+            self.callback_deliveries.labels(outcome)
 
     def observe_request(
         self, endpoint: str, model: str, team: str, code: int, seconds: float

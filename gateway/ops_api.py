@@ -30,7 +30,12 @@ async def metrics(request: web.Request) -> web.Response:
     registry.budget_remaining.clear()
     for name, budget, view in budgets:
         registry.budget.labels(name).set(micros_to_usd(budget))
-        registry.budget_remaining.labels(name).set(micros_to_usd(view.remaining or 0))
+        # Not clamped at 0 (the API's balance is): a task that returned more
+        # images than it reserved can take a team past its budget, and the
+        # panels and alerts must show by how much.
+        registry.budget_remaining.labels(name).set(
+            micros_to_usd(budget - view.spent - view.reserved)
+        )
     body = generate_latest(registry.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -198,7 +198,15 @@ async def test_every_rejection_reason_is_counted(
         labels: value for (name, labels), value in samples.items()
         if name == "apixo_gateway_rejections_total"
     }
-    assert rejections == {f"reason={r},team={t}": 1.0 for t, r in expected}
+    assert {k: v for k, v in rejections.items() if v} == {
+        f"reason={r},team={t}": 1.0 for t, r in expected
+    }
+    # Every reason of every team was exported at 0 before its first rejection,
+    # so that first one shows in increase() and rate().
+    reasons = ("unauthorized", "invalid", "budget", "concurrency", "rate_limit", "busy")
+    for who in ("solo", "slow", "broke", "other"):
+        for reason in reasons:
+            assert f"reason={reason},team={who}" in rejections
 
 
 async def test_sighup_lowers_limits_and_a_restart_restores_leases(

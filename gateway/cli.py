@@ -10,11 +10,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aiohttp import web
-
-from gateway.config import Config, ConfigError, load_config, reloaded
+from gateway.config import Config, ConfigError, load_config, reloaded, storage_problems
 from gateway.logs import setup_logging
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("gateway")
 
@@ -28,6 +30,15 @@ def _load(path: str, *, required: bool) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Until the reload handler is installed (after the database is open and the
+    # tasks resumed), a SIGHUP's default action would kill the process: it is
+    # noted instead and applied once the handler is in place.
+    early_reload: list[bool] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_reload.append(True))
+    # Imported here, after the handler: aiohttp and the app take most of the
+    # start-up time, and a SIGHUP then would have ended the process.
+    from aiohttp import web
+
     from gateway.app import create_app
     from gateway.appkeys import GATEWAY
 
@@ -35,6 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = args.config or DEFAULT_CONFIG
     try:
         config = _load(path, required=explicit)
+        if problems := storage_problems(config):
+            raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -56,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("no [[teams]] configured: every request will get 401")
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    from_file = config.source != "<defaults>"
     app = create_app(config, upstream_key=key, mock_upstream=args.mock_upstream)
 
     async def on_startup(app: web.Application) -> None:
@@ -63,7 +77,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         def reload() -> None:
             try:
-                fresh = load_config(path) if Path(path).exists() else Config(source="<defaults>")
+                # A gateway started from a file never falls back to the defaults:
+                # a file missing at reload time (being rewritten) is an error, not
+                # an empty team list.
+                if from_file or Path(path).exists():
+                    fresh = load_config(path)
+                else:
+                    fresh = Config(source="<defaults>")
             except ConfigError as exc:
                 log.error("SIGHUP: config not reloaded, it has errors",
                           extra={"problems": exc.problems})
@@ -77,6 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             extra={"settings": waiting})
 
         loop.add_signal_handler(signal.SIGHUP, reload)
+        if early_reload:
+            loop.call_soon(reload)
 
     async def on_ready(app: web.Application) -> None:
         # Everything loaded so far (modules, config, the app) lives as long as
@@ -103,6 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
     from gateway.simulator import create_simulator_app
 
     setup_logging("text", "INFO")
@@ -117,6 +141,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.config or DEFAULT_CONFIG
     try:
         config = load_config(path)
+        if problems := storage_problems(config):
+            raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)

@@ -7,6 +7,7 @@ disable a budget.
 from __future__ import annotations
 
 import hashlib
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
@@ -187,6 +188,11 @@ def _section(name: str, raw: Any, cls: type, problems: list[str]) -> Any:
             continue
         if isinstance(default, float):
             value = float(value)
+            # TOML spells nan and inf; every comparison below is false for nan,
+            # and either would break the timers and Retry-After they feed.
+            if not math.isfinite(value):
+                problems.append(f"{path}: must be a finite number, got {value!r}")
+                continue
         if path in _POSITIVE and value <= 0:
             problems.append(f"{path}: must be greater than 0, got {value!r}")
             continue
@@ -344,6 +350,15 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(pricing=pricing, teams=tuple(teams), source=source, **sections)
+
+
+def storage_problems(config: Config) -> list[str]:
+    """What the file's own checks cannot see: whether the database can be created
+    where it says. Without this, serve died with a traceback from SQLite."""
+    directory = Path(config.storage.path).parent
+    if not directory.is_dir():
+        return [f"storage.path: the directory {str(directory)!r} does not exist"]
+    return []
 
 
 def load_config(path: str | Path) -> Config:

@@ -218,3 +218,29 @@ def test_reload_applies_what_it_can_and_keeps_what_waits_for_a_restart() -> None
         for key in keys:
             getattr(getattr(running, section), key)
     assert reloaded(running, running) == (running, [])
+
+
+def test_check_config_refuses_non_finite_numbers_and_a_missing_database_directory(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "[upstream]\nfirst_poll_seconds = nan\npoll_interval_seconds = inf\n"
+        f"[storage]\npath = \"{tmp_path / 'no-such-dir' / 'gateway.db'}\"\n"
+    )
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 1, result.stdout
+    lines = result.stdout.splitlines()
+    assert any(ln.startswith("upstream.first_poll_seconds") and "finite" in ln for ln in lines)
+    assert any(ln.startswith("upstream.poll_interval_seconds") and "finite" in ln for ln in lines)
+    # serve stops with one line per problem, not a traceback from SQLite.
+    config.write_text(f"[storage]\npath = \"{tmp_path / 'no-such-dir' / 'gateway.db'}\"\n")
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 1 and "storage.path" in result.stdout
+    result = run_cli("serve", "--mock-upstream", "--config", str(config),
+                     "--port", str(free_port()), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"config error: storage.path: the directory {str(tmp_path / 'no-such-dir')!r} "
+        "does not exist"
+    ]

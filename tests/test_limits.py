@@ -230,3 +230,35 @@ async def test_sighup_lowers_limits_and_a_restart_restores_leases(
     await wait_quiet(http, gw.url, "alpha", gw.db)
     assert (await client.submit(t2i("free again")))[0] == 200
     check_ledger(gw.db)
+
+
+async def test_sighup_with_the_config_file_missing_keeps_the_running_config(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    gw = gateways(teams=[team("alpha", max_concurrent=3), team("beta")])
+    client = Client(http, gw.url, "key-alpha")
+    assert (await client.submit(t2i("before the reload")))[0] == 200
+    # A deploy tool rewriting the file: it is gone for a moment when the HUP lands.
+    gw.config_path.rename(gw.config_path.with_suffix(".away"))
+    gw.hup()
+    async with asyncio.timeout(10):
+        while "config not reloaded" not in gw.log.read_text():
+            await asyncio.sleep(0.05)
+    assert "not found" in gw.log.read_text()
+    # Not the built-in defaults (no teams): the keys still work.
+    assert (await client.submit(t2i("after the reload")))[0] == 200
+    assert (await admin_team(http, gw.url, "alpha"))["max_concurrent"] == 3
+
+
+async def test_sighup_lifting_a_limit_removes_it_from_the_metrics(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    gw = gateways(teams=[team("alpha", max_concurrent=3), team("beta", max_concurrent=2)])
+    samples = await metric_samples(http, gw.url)
+    assert samples["apixo_gateway_team_max_concurrent", "team=alpha"] == 3
+    del gw.config["teams"][0]["max_concurrent"]
+    await reload_team(http, gw, "budget_usd", 5.0)
+    samples = await metric_samples(http, gw.url)
+    # The panel's limit line goes away with the limit; beta's stays.
+    assert ("apixo_gateway_team_max_concurrent", "team=alpha") not in samples
+    assert samples["apixo_gateway_team_max_concurrent", "team=beta"] == 2

@@ -92,11 +92,11 @@ class Budgets:
 
     async def settle(
         self, task_id: str, outcome: Outcome, *, cache_key: str | None, cache_ttl_ms: int,
-        forget_idempotency: bool = False,
+        unannounced: bool = False,
     ) -> list[TaskRecord]:
         return await self._store.finish(
             task_id, outcome, cache_key=cache_key, cache_ttl_ms=cache_ttl_ms,
-            forget_idempotency=forget_idempotency,
+            unannounced=unannounced,
         )
 
     async def view(self, team: TeamConfig, today: date | None = None) -> BudgetView:

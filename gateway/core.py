@@ -57,6 +57,14 @@ class SubmitOptions(NamedTuple):  # built on every submit: see store.TaskRecord
     no_store: bool = False
 
 
+# Failures of tasks whose id the client never received: upstream refused the
+# submit (the client got the error), or a restart found a task that never
+# reached upstream (the client got no answer). Settling one drops its
+# Idempotency-Key, so a retry tries again, and sends no webhook about an id
+# nobody was told.
+UNANNOUNCED = frozenset({"UpstreamRejected", "GatewayRestart"})
+
+
 class Submitted(NamedTuple):
     task_id: str
     cache: str  # hit | miss | joined | bypass
@@ -188,13 +196,12 @@ class Gateway:
         for task in leaders:
             if task.upstream_id is None:
                 # It may or may not have reached upstream; we never resubmit,
-                # so the team gets its reservation back.
-                # The client never got an answer: its retry with the same
-                # Idempotency-Key must try again, not replay this failure.
+                # so the team gets its reservation back. The client never got
+                # an answer (see UNANNOUNCED).
                 await self.finish(task.id, Outcome(
                     "failed", now_ms(), fail_code="GatewayRestart",
                     fail_msg="The gateway restarted before APIXO accepted the task",
-                ), forget_idempotency=True)
+                ))
         for task in leaders:
             if task.upstream_id is None:
                 continue
@@ -412,11 +419,10 @@ class Gateway:
             if flight is not None and key is not None and isinstance(exc, APIError):
                 self.flights.abort(key, flight, refusal=exc)
             refused = Outcome("failed", now_ms(), fail_code="UpstreamRejected", fail_msg=why)
-            # The client gets an error, so a retry with the same Idempotency-Key
-            # must try again rather than replay a task that never existed upstream.
+            # The client gets an error, not this task's id (see UNANNOUNCED).
             forget = opts.idempotency_key is not None
             try:
-                await asyncio.shield(self.finish(task.id, refused, forget_idempotency=forget))
+                await asyncio.shield(self.finish(task.id, refused))
             except Exception:
                 # A failed write (disk full) must not leave the reservation and
                 # the lease held until a restart, nor hide the client's error.
@@ -451,9 +457,7 @@ class Gateway:
     async def _on_outcome(self, task: TaskRecord, outcome: Outcome) -> None:
         await self.finish(task.id, outcome)
 
-    async def finish(
-        self, task_id: str, outcome: Outcome, *, forget_idempotency: bool = False
-    ) -> list[TaskRecord]:
+    async def finish(self, task_id: str, outcome: Outcome) -> list[TaskRecord]:
         task = self._views.get(task_id) or await self.store.get_task(task_id)
         key = None
         # A no-cache request ("bypass") only skipped the lookup: unless it also
@@ -464,7 +468,7 @@ class Gateway:
             key = self._cache_key(task.identity, task.team)
         finished = await self.budgets.settle(
             task_id, outcome, cache_key=key, cache_ttl_ms=self.config.cache.ttl_seconds * 1000,
-            forget_idempotency=forget_idempotency,
+            unannounced=outcome.fail_code in UNANNOUNCED,
         )
         self._finished(finished, cache_key=key)
         return finished

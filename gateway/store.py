@@ -727,7 +727,7 @@ class Store:
         *,
         cache_key: str | None,
         cache_ttl_ms: int,
-        forget_idempotency: bool = False,
+        unannounced: bool = False,
     ) -> list[TaskRecord]:
         """Settle a task and its joined followers, exactly once.
 
@@ -735,14 +735,16 @@ class Store:
         tracker, the timeout and a restart, only the first to arrive settles.
         Returns the tasks this call finished (empty if it lost the race).
 
-        forget_idempotency: the client never got the task id (upstream refused,
-        or a restart found it never reached upstream), so the Idempotency-Key
-        must let a retry try again. Dropped in the settling transaction: in a
-        separate one, a kill between the two left the key replaying the failure.
+        unannounced: the client never got this task's id (upstream refused it,
+        or a restart found it never reached upstream). Its Idempotency-Key is
+        dropped so that a retry tries again, in this transaction: in a separate
+        one, a kill between the two left the key replaying the failure. And no
+        webhook is sent about a task id nobody was told (APIXO sends none for a
+        refused submit either).
         """
         now_ms = outcome.complete_ms
         async with self._transaction() as db:
-            if forget_idempotency:
+            if unannounced:
                 await db.execute("DELETE FROM idempotency WHERE task_id = ?", (task_id,))
             async with db.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)) as cur:
                 row = await cur.fetchone()
@@ -803,7 +805,7 @@ class Store:
                     ),
                 )
             for task in finished:
-                if task.callback_url:
+                if task.callback_url and not (unannounced and task.id == task_id):
                     await _enqueue_callback(db, task, now_ms)
         return finished
 

@@ -692,3 +692,26 @@ async def test_e2e_private_callback_urls_refused_with_400(
         assert code == 400, url
         assert body["code"] == 400 and "callback_url" in body["data"]["error"]
     assert (await sim.stats())["submits"] == 0
+
+
+async def test_e2e_a_refused_submit_sends_no_webhook(
+    gateways: Any, http: aiohttp.ClientSession, receiver: Receiver, sim: SimulatorProcess
+) -> None:
+    # The client got an error and no task id; APIXO sends no callback for a
+    # refused submit either. A later accepted one is delivered as usual.
+    gw = gateways(upstream={"max_retries": 0})
+    client = Client(http, gw.url, "key-alpha")
+    await sim.faults(submit_errors=[400, 503])
+    for expected in (400, 502):
+        code, body, _ = await client.submit(
+            _callback_body("refused upstream", receiver.url("/refused"))
+        )
+        assert code == expected, body
+    code, body, _ = await client.submit(_callback_body("accepted", receiver.url("/ok")))
+    assert code == 200, body
+    await receiver.wait_hits(1, within=20)
+    await asyncio.sleep(0.5)
+    assert [h.path for h in receiver.hits] == ["/ok"]
+    tasks = (await client.admin("/admin/tasks"))["tasks"]
+    refused = [t for t in tasks if t["failCode"] == "UpstreamRejected"]
+    assert len(refused) == 2 and all(t["callback_state"] is None for t in refused), refused

@@ -481,7 +481,11 @@ class Gateway:
             callbacks = callbacks or task.callback_url is not None
             seconds = (task.complete_ms or task.create_ms) / 1000 - task.create_ms / 1000
             if task.leader_id is None and task.cache in ("miss", "bypass"):
-                self.limits.release(task.team, seconds if task.state == "success" else None)
+                # The lease was held until now, when the gateway learnt the outcome
+                # (up to a poll after APIXO's completeTime): that is what a client
+                # waiting for a slot waits, so it is what Retry-After estimates.
+                held = (now_ms() - task.create_ms) / 1000
+                self.limits.release(task.team, held if task.state == "success" else None)
                 self.flights.land(task.id)
                 self._show_in_flight(task.team)
                 # Counted whether or not a reload removed the team: the money was spent.

@@ -270,3 +270,21 @@ async def test_sighup_lifting_a_limit_removes_it_from_the_metrics(
     # The panel's limit line goes away with the limit; beta's stays.
     assert ("apixo_gateway_team_max_concurrent", "team=alpha") not in samples
     assert samples["apixo_gateway_team_max_concurrent", "team=beta"] == 2
+
+
+async def test_concurrency_retry_after_counts_until_the_gateway_sees_the_outcome(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    # APIXO finishes in 0.1 s but the gateway first looks after 1.5 s: a slot is
+    # busy for 1.5 s, and Retry-After must not learn APIXO's 0.1 s instead.
+    gw = gateways(teams=[team("alpha"), team("beta", max_concurrent=1)],
+                  upstream={"first_poll_seconds": 1.5})
+    alpha, beta = Client(http, gw.url, "key-alpha"), Client(http, gw.url, "key-beta")
+    warm = [await alpha.submit_ok(t2i(f"quick {i} [latency:0.1]")) for i in range(6)]
+    for task_id in warm:
+        data = await alpha.wait_final(task_id)
+        assert data["costTime"] < 1000  # APIXO's time, shown to the client
+    await beta.submit_ok(t2i("holds the only slot [latency:0.1]"))
+    code, _, headers = await beta.submit(t2i("waits for it"))
+    assert code == 429
+    assert headers["Retry-After"] == "2"

@@ -620,3 +620,46 @@ def test_promtool_alert_unit_tests(
         )
     )
     run_promtool(promtool, "test", "rules", test_file)
+
+
+def test_failures_panel_counts_a_new_fail_codes_first_burst(
+    promtool: str, tmp_path: Path
+) -> None:
+    """A failCode's series is born with its first failures already counted, which
+    increase() alone never shows; the panel's `unless ... offset` arm does."""
+    (panel,) = [
+        t for t in promql.dashboard_targets(ROOT)
+        if "apixo_gateway_task_failures_total" in t.expr
+    ]
+    expr = promql.substitute_grafana_variables(
+        panel.expr, {"__rate_interval": "2m", "team": ".*"}
+    )
+    failures = "apixo_gateway_task_failures_total"
+    labels = {"team": "design", "model": "grok-image"}
+    test = {
+        "interval": "1m",
+        "input_series": [
+            # Five NewCode failures at once at 5m; two more at 8m.
+            _series(failures, {**labels, "fail_code": "NewCode"}, "_x5 5 5 5 7 7 7 7"),
+            # A code seen from the start: its increase() is right as it is.
+            _series(failures, {**labels, "fail_code": "Timeout"}, "0 0 0 0 0 3 3 3 3 3 3 3"),
+        ],
+        "promql_expr_test": [
+            {"expr": expr, "eval_time": "5m", "exp_samples": [
+                # increase() alone has nothing for NewCode here: one sample.
+                {"labels": '{fail_code="NewCode"}', "value": 5},
+                {"labels": '{fail_code="Timeout"}', "value": 3},
+            ]},
+            {"expr": expr, "eval_time": "8m", "exp_samples": [
+                {"labels": '{fail_code="NewCode"}', "value": 2},
+                {"labels": '{fail_code="Timeout"}', "value": 0},
+            ]},
+        ],
+    }
+    rules = tmp_path / "none.yml"
+    rules.write_text(json.dumps({"groups": []}))
+    test_file = tmp_path / "panel_test.yml"
+    test_file.write_text(json.dumps(
+        {"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": [test]}, indent=1
+    ))
+    run_promtool(promtool, "test", "rules", test_file)

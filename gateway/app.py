@@ -202,8 +202,10 @@ async def _maintenance(gateway: Gateway) -> None:
     while True:
         try:
             now = now_ms()
-            removed = await gateway.store.cache_sweep(now, gateway.config.cache.max_entries)
-            gateway.cache.forget_expired(now)
+            removed, swept = await gateway.store.cache_sweep(
+                now, gateway.config.cache.max_entries
+            )
+            gateway.cache.forget_expired(now, swept)
             keys = await gateway.store.idempotency_sweep(now - IDEMPOTENCY_TTL_MS)
             if removed or keys:
                 logging.getLogger("gateway").info(

@@ -35,9 +35,18 @@ def cache_key(identity: str, scope: str, team: str) -> str:
 class ResultCache:
     """Successful results by cache key; SQLite is the truth, memory answers hot keys."""
 
-    def __init__(self, store: Store, memory_entries: int) -> None:
+    def __init__(self, store: Store, memory_entries: int, ttl_ms: int) -> None:
         self._store = store
         self._front: LRUCache[str, CacheEntry] = LRUCache(maxsize=memory_entries)
+        self._ttl_ms = ttl_ms
+
+    def set_ttl(self, ttl_ms: int) -> None:
+        """A reload's ttl_seconds. Entries carry the expiry of the TTL they were
+        stored under; SQLite reads also check the current one, and a lowered TTL
+        empties the memory front, which refills from SQLite."""
+        if ttl_ms < self._ttl_ms:
+            self._front.clear()
+        self._ttl_ms = ttl_ms
 
     def get_hot(self, key: str, now_ms: int) -> CacheEntry | None:
         entry = self._front.get(key)
@@ -49,7 +58,7 @@ class ResultCache:
     async def get(self, key: str, now_ms: int) -> CacheEntry | None:
         entry = self.get_hot(key, now_ms)
         if entry is None:
-            entry = await self._store.cache_get(key, now_ms)
+            entry = await self._store.cache_get(key, now_ms, self._ttl_ms)
             if entry is not None:
                 self._front[key] = entry
         return entry
@@ -57,8 +66,11 @@ class ResultCache:
     def remember(self, entry: CacheEntry) -> None:
         self._front[entry.key] = entry
 
-    def forget_expired(self, now_ms: int) -> None:
+    def forget_expired(self, now_ms: int, swept: list[str]) -> None:
+        """Drop what expired, and what the size sweep removed from SQLite."""
         for key in [k for k, e in self._front.items() if e.expires_ms <= now_ms]:
+            self._front.pop(key, None)
+        for key in swept:
             self._front.pop(key, None)
 
 

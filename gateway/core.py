@@ -107,7 +107,9 @@ class Gateway:
         self.callbacks = callbacks
         self.budgets = Budgets(store)
         self.limits = Limits(config.upstream.max_concurrent, config.upstream.first_poll_seconds)
-        self.cache = ResultCache(store, config.cache.memory_entries)
+        self.cache = ResultCache(
+            store, config.cache.memory_entries, config.cache.ttl_seconds * 1000
+        )
         self.flights = Flights()
         self.tracker = Tracker(upstream, config.upstream, self._on_outcome, self._on_processing)
         self._views = TaskViews(VIEW_CACHE_ENTRIES)
@@ -137,6 +139,7 @@ class Gateway:
             for gone in {t.name for t in previous.teams} - {t.name for t in config.teams}:
                 self._show_in_flight(gone)
         self.metrics.prepare((team.name for team in config.teams), config.pricing)
+        self.cache.set_ttl(config.cache.ttl_seconds * 1000)
 
     def _show_in_flight(self, team: str) -> None:
         """Set a team's in-flight gauge; a team no longer configured keeps its

@@ -966,17 +966,25 @@ class Store:
 
     # -- cache ------------------------------------------------------------
 
-    async def cache_get(self, key: str, now_ms: int) -> CacheEntry | None:
+    async def cache_get(self, key: str, now_ms: int, ttl_ms: int) -> CacheEntry | None:
+        """The entry if it is fresh, with the earlier of its stored expiry and its
+        creation plus the TTL configured now: a lowered ttl_seconds applies at once
+        to what was cached under the old one."""
         async with self._w.execute(
-            "SELECT key, result_json, images, task_id, expires_ms FROM cache "
-            "WHERE key = ? AND expires_ms > ?",
-            (key, now_ms),
+            "SELECT key, result_json, images, task_id, "
+            "MIN(expires_ms, created_ms + ?1) AS fresh_until FROM cache "
+            "WHERE key = ?2 AND fresh_until > ?3",
+            (ttl_ms, key, now_ms),
         ) as cur:
             row = await cur.fetchone()
         return CacheEntry(*row) if row else None
 
-    async def cache_sweep(self, now_ms: int, max_entries: int) -> int:
-        """Delete expired entries, then the oldest beyond max_entries."""
+    async def cache_sweep(self, now_ms: int, max_entries: int) -> tuple[int, list[str]]:
+        """Delete expired entries, then the oldest beyond max_entries.
+
+        Returns how many went, and the keys of those that went for the size
+        bound (not expired): the memory front must drop them too.
+        """
         removed = await self._delete_batches(
             "DELETE FROM cache WHERE key IN "
             "(SELECT key FROM cache WHERE expires_ms <= ? LIMIT ?)", now_ms,
@@ -994,7 +1002,7 @@ class Store:
                 )
                 removed += cur.rowcount
             await asyncio.sleep(0)
-        return removed
+        return removed, surplus
 
     async def _delete_batches(self, sql: str, bound: int) -> int:
         """Run `sql` (bound, SWEEP_BATCH) until it deletes less than a batch, yielding between."""

@@ -111,7 +111,7 @@ async def test_memory_front_is_bounded_and_honours_expiry(tmp_path: Path) -> Non
     store = Store(str(tmp_path / "front.db"))
     await store.open()
     try:
-        front = ResultCache(store, memory_entries=2)
+        front = ResultCache(store, memory_entries=2, ttl_ms=3_600_000)
         now = 1_000_000
         for key in ("a", "b", "c"):
             front.remember(CacheEntry(key, '{"resultUrls":["u"]}', 1, f"t-{key}", now + 1000))
@@ -645,3 +645,41 @@ async def test_background_sweep_keeps_at_most_max_entries(
     _, kind = await accepted(client, t2i("newest"))
     assert kind == "hit"
     assert (await sim.stats())["submits"] == 3
+
+
+async def test_a_lowered_ttl_applies_to_results_already_cached(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways(cache={"ttl_seconds": 3600})
+    client = Client(http, gw.url, "key-alpha")
+    first, kind = await accepted(client, t2i("cached under an hour"))
+    assert kind == "miss"
+    await client.wait_final(first)
+    assert (await accepted(client, t2i("cached under an hour")))[1] == "hit"
+    gw.config["cache"]["ttl_seconds"] = 1
+    gw.write_config()
+    gw.hup()
+    deadline = time.monotonic() + 10
+    while "SIGHUP: reloaded" not in gw.log.read_text():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)
+    # Older than the TTL now configured: not within ttl_seconds, so not a hit.
+    assert (await accepted(client, t2i("cached under an hour")))[1] == "miss"
+    assert (await sim.stats())["submits"] == 2
+
+
+async def test_entries_the_size_sweep_removes_leave_memory_too(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways(cache={"max_entries": 1, "sweep_interval_seconds": 0.2})
+    client = Client(http, gw.url, "key-alpha")
+    for prompt in ("older result", "newer result"):
+        task_id, kind = await accepted(client, t2i(prompt))
+        assert kind == "miss"
+        await client.wait_final(task_id)
+    await asyncio.sleep(0.8)  # a few sweeps
+    # The sweep kept the newest entry only; memory agrees with SQLite, so the
+    # answer is the same before and after a restart.
+    assert (await accepted(client, t2i("older result")))[1] == "miss"
+    assert (await accepted(client, t2i("newer result")))[1] == "hit"

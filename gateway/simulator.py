@@ -62,7 +62,11 @@ _FAIL_MARK = re.compile(r"\[fail:([^\]]+)\]")
 _IMAGES_MARK = re.compile(r"\[images:(\d+)\]")
 _LATENCY_MARK = re.compile(r"\[latency:(\d+(?:\.\d*)?|\.\d+)\]")
 
-Fault = int | str  # an HTTP status, or "drop" to close the connection unanswered
+# An HTTP status; "drop" to close the connection unanswered; "garbled" to do the
+# work but answer 200 with a body cut short (a submit still creates its task);
+# "html" for a 400 whose body is an HTML page (a proxy in front of APIXO).
+Fault = int | str
+STRING_FAULTS = ("drop", "garbled", "html")
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Faults:
     submit_errors: deque[Fault] = field(default_factory=deque)
     status_errors: deque[Fault] = field(default_factory=deque)
     reject_submits_with: int | None = None
+    retry_after_seconds: float = 0.0  # sent with simulated 429 and 503 answers
 
 
 @dataclass
@@ -195,8 +200,16 @@ def _fault_response(request: web.Request, fault: Fault) -> web.Response:
         # response below and the client sees a dropped connection.
         request.protocol.force_close()
         return web.Response(status=500)
+    if fault == "html":
+        return web.Response(status=400, text="<html><body>Bad Request</body></html>",
+                            content_type="text/html")
     assert isinstance(fault, int)
-    headers = {"Retry-After": "0"} if fault == 429 else {}
+    retry_after = request.app[SIM_STATE].faults.retry_after_seconds
+    # A 429 always says when to come back; a 503 only when a test asks for it.
+    headers = (
+        {"Retry-After": f"{retry_after:g}"}
+        if fault == 429 or (fault == 503 and retry_after > 0) else {}
+    )
     message = FAULT_MESSAGES.get(fault, "Error")
     return _error(
         APIError(fault, f"Simulated fault: HTTP {fault}", message=message, headers=headers)
@@ -224,8 +237,12 @@ def _check_model(model: str) -> None:
 async def _submit(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
     state.stats.submit_attempts += 1
+    garbled = False
     if state.faults.submit_errors:
-        return _fault_response(request, state.faults.submit_errors.popleft())
+        fault = state.faults.submit_errors.popleft()
+        if fault != "garbled":
+            return _fault_response(request, fault)
+        garbled = True
     if state.faults.reject_submits_with is not None:
         return _fault_response(request, state.faults.reject_submits_with)
     try:
@@ -280,6 +297,9 @@ async def _submit(request: web.Request) -> web.Response:
         bg = asyncio.create_task(_deliver_callback(state, task))
         state.background.add(bg)
         bg.add_done_callback(state.background.discard)
+    if garbled:
+        return web.Response(text='{"code": 200, "message": "success", "data": {"taskI',
+                            content_type="application/json")
     return web.json_response({"code": 200, "message": "success", "data": {"taskId": task_id}})
 
 
@@ -287,7 +307,10 @@ async def _status(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
     state.stats.status_polls += 1
     if state.faults.status_errors:
-        return _fault_response(request, state.faults.status_errors.popleft())
+        fault = state.faults.status_errors.popleft()
+        if fault == "garbled":
+            return web.Response(text='{"code": 200, "da', content_type="application/json")
+        return _fault_response(request, fault)
     try:
         _check_auth(request)
         model = request.match_info["model"]
@@ -414,9 +437,10 @@ async def _stats(request: web.Request) -> web.Response:
 
 def _parse_fault_list(value: Any, key: str) -> list[Fault]:
     if not isinstance(value, list) or not all(
-        v == "drop" or (isinstance(v, int) and not isinstance(v, bool)) for v in value
+        v in STRING_FAULTS or (isinstance(v, int) and not isinstance(v, bool)) for v in value
     ):
-        raise APIError(400, f'{key} must be a list of HTTP statuses or "drop"')
+        raise APIError(400, f"{key} must be a list of HTTP statuses or one of "
+                            f"{', '.join(map(repr, STRING_FAULTS))}")
     return list(value)
 
 
@@ -436,7 +460,8 @@ async def _set_faults(request: web.Request) -> web.Response:
         if not isinstance(body, dict):
             raise APIError(400, "Request body must be a JSON object")
         unknown = set(body) - {
-            "submit_errors", "status_errors", "latency", "fail_rate", "reject_submits_with"
+            "submit_errors", "status_errors", "latency", "fail_rate", "reject_submits_with",
+            "retry_after_seconds",
         }
         if unknown:
             raise APIError(400, f"Unknown fault keys: {', '.join(sorted(unknown))}")
@@ -445,6 +470,8 @@ async def _set_faults(request: web.Request) -> web.Response:
         status_errors = _parse_fault_list(body.get("status_errors", []), "status_errors")
         latency = _parse_number(body["latency"], "latency") if "latency" in body else None
         fail_rate = _parse_number(body["fail_rate"], "fail_rate") if "fail_rate" in body else None
+        retry_after = (_parse_number(body["retry_after_seconds"], "retry_after_seconds")
+                       if "retry_after_seconds" in body else None)
         reject = body.get("reject_submits_with")
         if reject is not None and (isinstance(reject, bool) or not isinstance(reject, int)):
             raise APIError(400, "reject_submits_with must be an HTTP status or null")
@@ -458,6 +485,8 @@ async def _set_faults(request: web.Request) -> web.Response:
         state.fail_rate = fail_rate
     if "reject_submits_with" in body:
         state.faults.reject_submits_with = reject
+    if retry_after is not None:
+        state.faults.retry_after_seconds = retry_after
     return web.json_response({"ok": True})
 
 

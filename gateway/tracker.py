@@ -173,12 +173,15 @@ class Tracker:
         row, deadline, processing = self._watch[task_id]
         task = TaskRecord._make(row)
         assert task.upstream_id is not None
+        wait = self._config.poll_interval_seconds
         try:
             data = await self._upstream.status(task.model, task.upstream_id)
         except TransientUpstreamError as exc:
             # 429, 5xx, timeouts: the task is not failed, only unknown for now.
+            # APIXO asking for a pause (Retry-After) gets it.
+            wait = max(wait, exc.retry_after or 0.0)
             log.warning("upstream status unavailable, will ask again",
-                        extra={"task_id": task.id, "error": str(exc)})
+                        extra={"task_id": task.id, "error": str(exc), "retry_in_s": wait})
         except Exception:
             # Anything else (an undecodable answer, a bug) must not end the
             # tracking: the timeout below lives here, and so does the lease.
@@ -210,7 +213,7 @@ class Tracker:
                 "the gateway gave up and refunded it",
             ))
             return
-        self._schedule(task_id, min(now + self._config.poll_interval_seconds, deadline))
+        self._schedule(task_id, min(now + wait, deadline))
 
     async def _settle(self, task: TaskRecord, outcome: Outcome) -> None:
         # A failed write (disk full, locked database) must not drop the task:

@@ -34,6 +34,15 @@ class TransientUpstreamError(Exception):
         self.retry_after = retry_after
 
 
+class UnreadableAnswer(TransientUpstreamError):
+    """An answer whose body is not a JSON object. Worth asking again for a status
+    poll; for a submit it depends on the status (see Upstream.submit)."""
+
+    def __init__(self, detail: str, status: int) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
 def _retry_after(headers: Any) -> float | None:
     value = headers.get("Retry-After") if headers is not None else None
     if value is None:
@@ -110,7 +119,7 @@ class Upstream:
                 if resp.status == 429 or resp.status >= 500:
                     raise TransientUpstreamError(
                         f"APIXO answered HTTP {resp.status}: "
-                        f"{raw[:200].decode('utf-8', 'replace')}",
+                        f"{self._redact(raw[:200].decode('utf-8', 'replace'))}",
                         _retry_after(resp.headers),
                     )
                 try:
@@ -118,8 +127,9 @@ class Upstream:
                 except ValueError:
                     payload = None
                 if not isinstance(payload, dict):
-                    raise TransientUpstreamError(
-                        f"APIXO answered HTTP {resp.status} with a body that is not a JSON object"
+                    raise UnreadableAnswer(
+                        f"APIXO answered HTTP {resp.status} with a body that is not a JSON "
+                        "object", resp.status,
                     )
                 return resp.status, payload
         except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError, LookupError) as exc:
@@ -145,6 +155,20 @@ class Upstream:
                 status, payload = await self._call(
                     "submit", "POST", f"/generateTask/{model}", encoded
                 )
+            except UnreadableAnswer as exc:
+                if 200 <= exc.status < 300:
+                    # APIXO accepted the task but its id cannot be read. Sending it
+                    # again would create (and bill) a second one; the team is
+                    # refunded, as for a task whose acceptance a restart lost.
+                    log.error("APIXO accepted a submit but its answer cannot be read; "
+                              "not resubmitted", extra={"status": exc.status})
+                    raise APIError(
+                        502, f"{exc}; the task may exist upstream, so it was not sent again",
+                        message="Upstream error",
+                    ) from None
+                # A refusal (an HTML page from a proxy in front of APIXO, say):
+                # the same request would be refused again.
+                return self._submitted_id(exc.status, {"message": str(exc)})
             except TransientUpstreamError as exc:
                 last = str(exc)
                 if attempt == self._max_retries:
@@ -158,12 +182,25 @@ class Upstream:
                 )
                 await asyncio.sleep(delay)
                 continue
-            return _submitted_id(status, payload)
+            return self._submitted_id(status, payload)
         raise APIError(
             502,
             f"APIXO is unavailable after {self._max_retries + 1} attempts: {last}",
             message="Upstream provider or network error",
         )
+
+    def _submitted_id(self, status: int, payload: dict[str, Any]) -> str:
+        try:
+            return _submitted_id(status, payload)
+        except APIError as exc:
+            # APIXO's words reach the client; the gateway's own key must not,
+            # should an error page ever echo the request's headers.
+            exc.error = self._redact(exc.error)
+            raise
+
+    def _redact(self, text: str) -> str:
+        key = self._headers["Authorization"].removeprefix("Bearer ")
+        return text.replace(key, "[upstream key]") if len(key) >= 4 else text
 
     async def status(self, model: str, upstream_id: str) -> dict[str, Any]:
         """The upstream task's data; TransientUpstreamError means "ask again later"."""

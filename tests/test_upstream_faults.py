@@ -278,3 +278,85 @@ async def test_an_upstream_answer_with_nan_in_a_field_is_still_read() -> None:
         assert calls == 1
     finally:
         await runner.cleanup()
+
+
+async def test_a_submit_accepted_with_an_unreadable_answer_is_not_sent_again(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # APIXO created the task and answered 200, but the body was cut short: a
+    # second submit would be a second billed task.
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    await sim.faults(submit_errors=["garbled"])
+    code, body, _ = await alpha.submit(t2i("accepted, answer lost"))
+    assert code == 502, body
+    assert "not sent again" in body["data"]["error"]
+    stats = await sim.stats()
+    assert (stats["submit_attempts"], stats["submits"]) == (1, 1)
+    await assert_nothing_held(alpha)
+
+
+async def test_a_refusal_with_an_html_body_is_not_retried(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # A proxy in front of APIXO answering 400 with a page: the same request would
+    # be refused again, so it is the client's 400 at once, not a 502 after retries.
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    await sim.faults(submit_errors=["html"])
+    code, body, _ = await alpha.submit(t2i("refused by a proxy"))
+    assert code == 400, body
+    assert "not a JSON object" in body["data"]["error"]
+    assert (await sim.stats())["submit_attempts"] == 1
+    await assert_nothing_held(alpha)
+
+
+async def test_status_polls_wait_as_long_as_retry_after_says(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # poll_interval_seconds is 0.1 here; APIXO's 429 asks for 1.5 s of quiet.
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    await sim.faults(status_errors=[429], retry_after_seconds=1.5)
+    started = time.monotonic()
+    task_id = await alpha.submit_ok(t2i("[latency:0.05] asked to wait"))
+    data = await alpha.wait_final(task_id)
+    assert data["state"] == "success"
+    assert time.monotonic() - started >= 1.5
+    assert (await sim.stats())["status_polls"] == 2
+
+
+async def test_the_upstream_key_never_reaches_a_client() -> None:
+    """Whatever an error page echoes back, the gateway's own key is not passed on."""
+    async def generate(request: web.Request) -> web.Response:
+        echoed = request.headers["Authorization"]
+        status = 400 if "bad" in await request.text() else 500
+        return web.json_response(
+            {"code": status, "message": "Error", "data": {"error": f"you sent {echoed}"}},
+            status=status,
+        )
+
+    app = web.Application()
+    app.router.add_post("/api/v1/generateTask/{model}", generate)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as session:
+            upstream = Upstream(
+                session, base_url=f"http://127.0.0.1:{port}/api/v1",
+                api_key="sk-secret-upstream-key", timeout_seconds=2, max_retries=0,
+                metrics=Metrics(),
+            )
+            for body in ('{"bad": 1}', "{}"):
+                try:
+                    await upstream.submit("grok-image", body)
+                except APIError as exc:
+                    assert "sk-secret-upstream-key" not in exc.error, exc.error
+                    assert "[upstream key]" in exc.error
+                else:
+                    raise AssertionError("an error answer was accepted")
+    finally:
+        await runner.cleanup()

@@ -586,30 +586,30 @@ def _fixed_work() -> None:
         json.loads(body)["taskId"].upper()
 
 
-def idle_wake_cost(reps: int = 300, idle_seconds: float = 0.005) -> dict[str, float]:
-    """The same fixed piece of Python run back to back, then each time after the
-    process slept: what waking from idle costs on this machine.
+def idle_wake_cost(reps: int = 400, idle_seconds: float = 0.005) -> dict[str, float]:
+    """The same fixed piece of Python timed right after another run of it, then
+    after the process slept: what waking from idle costs on this machine.
 
-    A paced request finds its server idle, so it pays this on every step that
-    follows a wait (the request's arrival, the upstream's answer); a saturated
-    one never does. On a virtual machine whose idle vCPU halts, the wake-up and
-    the caches it lost show up as CPU time of the request.
+    The two are interleaved, one of each per repetition, so the machine's drift
+    (its speed moves by tens of percent from one second to the next) touches
+    both alike. A paced request finds its server idle and pays this on every
+    step that follows a wait (the request's arrival, the upstream's answer); a
+    saturated one rarely does.
     """
-    def median_us(pause: float) -> float:
-        times = []
-        for _ in range(reps):
-            if pause:
-                time.sleep(pause)
-            started = time.perf_counter_ns()
-            _fixed_work()
-            times.append((time.perf_counter_ns() - started) / 1000)
-        return statistics.median(times)
-
-    median_us(0)  # warm the code
-    busy = median_us(0)
-    after_idle = median_us(idle_seconds)
-    return {"busy_us": round(busy, 1), "after_idle_us": round(after_idle, 1),
-            "idle_ms": idle_seconds * 1000, "ratio": round(after_idle / busy, 2)}
+    busy: list[float] = []
+    after_idle: list[float] = []
+    for _ in range(reps):
+        _fixed_work()  # so that the next run follows another one
+        started = time.perf_counter_ns()
+        _fixed_work()
+        busy.append((time.perf_counter_ns() - started) / 1000)
+        time.sleep(idle_seconds)
+        started = time.perf_counter_ns()
+        _fixed_work()
+        after_idle.append((time.perf_counter_ns() - started) / 1000)
+    b, a = statistics.median(busy), statistics.median(after_idle)
+    return {"busy_us": round(b, 1), "after_idle_us": round(a, 1),
+            "idle_ms": idle_seconds * 1000, "ratio": round(a / b, 2)}
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -655,10 +655,10 @@ def tables(result: dict[str, Any]) -> str:
     wake = m.get("idle_wake")
     if wake:
         lines += [
-            f"Waking from idle: a fixed piece of Python took {wake['busy_us']:,.0f} µs run "
-            f"back to back and {wake['after_idle_us']:,.0f} µs after a {wake['idle_ms']:g} ms "
-            f"sleep ({wake['ratio']:.2f}x). Paced requests find their servers idle and pay "
-            f"this on every step that follows a wait; see the paced CPU columns.",
+            f"Waking from idle: a fixed piece of Python took {wake['busy_us']:,.0f} µs right "
+            f"after another run of it and {wake['after_idle_us']:,.0f} µs after a "
+            f"{wake['idle_ms']:g} ms sleep ({wake['ratio']:.2f}x; medians, interleaved). Paced "
+            f"requests find their servers idle; see the paced CPU columns.",
             "",
         ]
     plan = result["plan"]

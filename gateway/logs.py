@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, TextIO
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 # One encoder for every line: json.dumps with options builds a new one per call.
@@ -83,6 +85,32 @@ class JsonFormatter(logging.Formatter):
         })
 
 
+# A client controls some of a line's values (the path, decoded): a newline in
+# one would start a line of the client's making in the text format.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if _CONTROL.search(text) else text
+
+
+class UnparsableRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse with a traceback that quotes the
+    offending line, which can be an Authorization header (a key saved with a
+    Windows line ending, say). Keys are never logged: the line keeps only what
+    went wrong, not the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "a request could not be parsed: %s (HTTP %s); its bytes are not logged"
+            record.args = (type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = self.format_event(Event(
@@ -93,9 +121,11 @@ class TextFormatter(logging.Formatter):
         return line
 
     def format_event(self, event: Event) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in event.fields.items() if v is not None)
+        extras = " ".join(
+            f"{k}={_text_value(v)}" for k, v in event.fields.items() if v is not None
+        )
         clock = time.strftime("%H:%M:%S", time.localtime(event.created))
-        line = f"{clock} {event.levelname:<7} {event.msg}"
+        line = f"{clock} {event.levelname:<7} {_text_value(event.msg)}"
         if extras:
             line += "  " + extras
         return line
@@ -236,3 +266,6 @@ def setup_logging(fmt: str, level: str) -> None:
     logging.logMultiprocessing = False
     # aiohttp's own access log would duplicate ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, UnparsableRequestFilter) for f in server_log.filters):
+        server_log.addFilter(UnparsableRequestFilter())

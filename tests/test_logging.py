@@ -3,6 +3,7 @@ change, request ids, and what must never be written (keys; prompts unless config
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -216,3 +217,38 @@ def test_a_line_the_stream_cannot_encode_loses_no_other_line() -> None:
     assert [line["msg"] for line in lines] == ["first", "lone surrogate", "last"]
     assert lines[0]["prompt"] == "café"
     assert lines[1]["prompt"] == "?"
+
+
+async def test_a_request_aiohttp_cannot_parse_does_not_log_its_key(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    # A key saved with a Windows line ending: the header line ends in a bare CR,
+    # and aiohttp's own error quotes the line it could not parse.
+    key = "key-alpha-crlf-7d41"
+    gw = gateways(teams=[team("alpha", key=key)])
+    host, port = gw.url.removeprefix("http://").split(":")
+    for header in (f"Authorization: Bearer {key}\r", f"Authorization: Bearer {key}\x00"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /api/v1/apikeys/current-balance HTTP/1.1\r\nHost: x\r\n"
+                     f"{header}\r\n\r\n".encode())
+        await writer.drain()
+        assert b" 400 " in (await reader.read(100)).split(b"\r\n")[0]
+        writer.close()
+    gw.terminate()
+    text = gw.log.read_text()
+    assert key not in text
+    assert "a request could not be parsed" in text
+
+
+async def test_text_format_keeps_a_client_newline_inside_its_line(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    gw = gateways(logging={"format": "text"})
+    forged = "20:00:00 INFO    request  team=alpha status=200"
+    r = await get(http, gw.url + "/x%0A" + forged.replace(" ", "%20"))
+    assert r.status == 404
+    gw.terminate()
+    lines = gw.log.read_text().splitlines()
+    assert not any(line.startswith("20:00:00") for line in lines)
+    (line,) = [ln for ln in lines if "endpoint=other" in ln]
+    assert 'path="/x\\n20:00:00' in line

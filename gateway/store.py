@@ -923,8 +923,13 @@ class Store:
         )
         async with self._r.execute(sql, args) as cur:
             rows = await cur.fetchall()
+        # A submit upstream refused (or a restart found never accepted) reserved
+        # and was released, but the client got no task id: it is neither an
+        # upstream task nor a failed one, as in the metrics.
         fail_sql = (
-            f"SELECT team, {'budget_day' if by_day else 'NULL'}, COUNT(*) FROM tasks "
+            f"SELECT team, {'budget_day' if by_day else 'NULL'}, "
+            "SUM(fail_code NOT IN ('UpstreamRejected', 'GatewayRestart')), "
+            "SUM(fail_code IN ('UpstreamRejected', 'GatewayRestart')) FROM tasks "
             "WHERE state = 'failed' AND leader_id IS NULL AND cache IN ('miss', 'bypass')"
             + "".join(
                 f" AND {c.replace('day', 'budget_day')}" for c in where
@@ -932,7 +937,7 @@ class Store:
             + f" GROUP BY team{', budget_day' if by_day else ''}"
         )
         async with self._r.execute(fail_sql, args) as cur:
-            failures = {(t, d): int(n) for t, d, n in await cur.fetchall()}
+            failures = {(t, d): (int(n or 0), int(r or 0)) for t, d, n, r in await cur.fetchall()}
         return [
             {
                 "team": t,
@@ -942,8 +947,8 @@ class Store:
                 "saved_micros": int(saved or 0),
                 "cache_hits": int(hits or 0),
                 "reserved_micros": int(reserved or 0),
-                "upstream_tasks": int(upstream or 0),
-                "failures": failures.get((t, d), 0),
+                "upstream_tasks": int(upstream or 0) - failures.get((t, d), (0, 0))[1],
+                "failures": failures.get((t, d), (0, 0))[0],
             }
             for t, d, spent, images, saved, hits, reserved, upstream in rows
         ]

@@ -21,7 +21,7 @@ import pytest
 
 from gateway.budget import utc_today
 from gateway.cli import main
-from tests.conftest import ADMIN_TOKEN, Client, t2i, team
+from tests.conftest import ADMIN_TOKEN, Client, SimulatorProcess, t2i, team
 from tests.test_budget import (
     PRICE,
     admin_team,
@@ -334,3 +334,25 @@ async def test_keys_new_prints_a_key_that_works_once_pasted(
     assert code == 200
     await client.wait_final(body["data"]["taskId"])
     assert (await admin_team(http, gw.url, "design"))["spent_usd"] == PRICE / 1e6
+
+
+async def test_refused_submits_are_neither_upstream_tasks_nor_failures(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # The client got an error and no task id: as in the metrics, such a submit
+    # is not an upstream task and not a failed one.
+    gw = gateways(upstream={"max_retries": 0})
+    alpha = Client(http, gw.url, "key-alpha")
+    for prompt in ("fine", "failed upstream [fail:CONTENT_VIOLATION]"):
+        await alpha.wait_final(await alpha.submit_ok(t2i(prompt)))
+    await sim.faults(submit_errors=[400, 503])
+    assert (await alpha.submit(t2i("refused")))[0] == 400
+    assert (await alpha.submit(t2i("unavailable")))[0] == 502
+    code, body = await _admin(http, gw.url, "/admin/usage", team="alpha")
+    assert code == 200
+    (row,) = body["rows"]
+    assert (row["upstream_tasks"], row["failures"]) == (2, 1), row
+    result = cli("usage", "--config", str(gw.config_path), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    (cli_row,) = [r for r in json.loads(result.stdout)["rows"] if r["team"] == "alpha"]
+    assert (cli_row["upstream_tasks"], cli_row["failures"]) == (2, 1), cli_row

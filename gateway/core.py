@@ -492,7 +492,7 @@ class Gateway:
                 self.flights.land(task.id)
                 self._show_in_flight(task.team)
                 # Counted whether or not a reload removed the team: the money was spent.
-                if task.charged_micros:
+                if task.state == "success":
                     self.metrics.spend.add(task.team, task.model, task.charged_micros)
                     self.metrics.images.labels(task.team, task.model).inc(task.images)
                 if task.charged_micros > task.reserved_micros:

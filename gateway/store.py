@@ -764,7 +764,9 @@ class Store:
                 return []
             if leader.reserved_micros:
                 await _ledger(db, leader, "release", leader.reserved_micros, 0, now_ms)
-            if leader.charged_micros:
+            # Every success has its charge row, $0 for a model priced at 0: the
+            # images and the hits of the reports and metrics are counted from rows.
+            if leader.state == "success":
                 await _ledger(db, leader, "charge", leader.charged_micros, leader.images, now_ms)
             finished = [leader]
             async with db.execute(
@@ -782,7 +784,7 @@ class Store:
                         follower.saved_micros, follower.id,
                     ),
                 )
-                if follower.saved_micros:
+                if follower.state == "success":
                     await _ledger(
                         db, follower, "saving", follower.saved_micros, follower.images, now_ms
                     )
@@ -1216,7 +1218,7 @@ def _insert_free_tasks(db: _Connection, items: list[tuple[TaskRecord, int]]) -> 
     db.run_many(_LEDGER_INSERT, [
         (now, task.team, task.model, task.id, "saving", task.saved_micros, task.images,
          task.budget_day)
-        for task, now in items if task.saved_micros
+        for task, now in items if task.state == "success"
     ])
     db.run_many(_OUTBOX_INSERT, [
         (task.id, task.callback_url, now, now)

@@ -356,3 +356,17 @@ async def test_refused_submits_are_neither_upstream_tasks_nor_failures(
     assert result.returncode == 0, result.stderr
     (cli_row,) = [r for r in json.loads(result.stdout)["rows"] if r["team"] == "alpha"]
     assert (cli_row["upstream_tasks"], cli_row["failures"]) == (2, 1), cli_row
+
+
+async def test_a_model_priced_at_zero_still_counts_images_and_hits(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    gw = gateways(pricing={"grok-image": 0})
+    alpha = Client(http, gw.url, "key-alpha")
+    await alpha.wait_final(await alpha.submit_ok(t2i("free of charge")))
+    code, _, headers = await alpha.submit(t2i("free of charge"))
+    assert code == 200 and headers["X-Gateway-Cache"] == "hit"
+    row = await admin_team(http, gw.url, "alpha")
+    assert (row["images"], row["cache_hits"], row["spent_usd"]) == (1, 1, 0)
+    samples = await metric_samples(http, gw.url)
+    assert samples["apixo_gateway_images_total", "model=grok-image,team=alpha"] == 1

@@ -19,6 +19,7 @@ import heapq
 import itertools
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -96,6 +97,7 @@ class Tracker:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._polls: dict[str, asyncio.Task[None]] = {}
+        self._rng = random.Random()
 
     def __len__(self) -> int:
         return len(self._watch)
@@ -107,7 +109,14 @@ class Tracker:
         cfg = self._config
         deadline = task.create_ms / 1000 + cfg.task_timeout_seconds
         self._watch[task.id] = (tuple(task), deadline, task.state == "processing")
-        self._schedule(task.id, min(task.create_ms / 1000 + cfg.first_poll_seconds, deadline))
+        first = task.create_ms / 1000 + cfg.first_poll_seconds
+        now = time.time()
+        if first < now:
+            # Overdue: tasks resumed after a restart. Due all at once, they would
+            # reach APIXO in one burst and, each polled again an interval after
+            # its last poll, stay in that burst for good. Spread over an interval.
+            first = now + self._rng.uniform(0, cfg.poll_interval_seconds)
+        self._schedule(task.id, min(first, deadline))
 
     def settle_later(self, task: TaskRecord, outcome: Outcome) -> None:
         """Keep trying to record an outcome whose first write failed (see _settle).
@@ -174,12 +183,14 @@ class Tracker:
         task = TaskRecord._make(row)
         assert task.upstream_id is not None
         wait = self._config.poll_interval_seconds
+        not_before = 0.0  # what APIXO's Retry-After asked for
         try:
             data = await self._upstream.status(task.model, task.upstream_id)
         except TransientUpstreamError as exc:
             # 429, 5xx, timeouts: the task is not failed, only unknown for now.
             # APIXO asking for a pause (Retry-After) gets it.
-            wait = max(wait, exc.retry_after or 0.0)
+            not_before = exc.retry_after or 0.0
+            wait = max(wait, not_before)
             log.warning("upstream status unavailable, will ask again",
                         extra={"task_id": task.id, "error": str(exc), "retry_in_s": wait})
         except Exception:
@@ -213,7 +224,10 @@ class Tracker:
                 "the gateway gave up and refunded it",
             ))
             return
-        self._schedule(task_id, min(now + wait, deadline))
+        # A tenth of jitter either way: polls that fell into step (a restart, a
+        # Retry-After every task got at once) drift apart again.
+        when = now + max(wait * self._rng.uniform(0.9, 1.1), not_before)
+        self._schedule(task_id, min(when, deadline))
 
     async def _settle(self, task: TaskRecord, outcome: Outcome) -> None:
         # A failed write (disk full, locked database) must not drop the task:

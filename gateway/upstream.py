@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from typing import Any
@@ -79,6 +80,7 @@ class Upstream:
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._timeout_seconds = timeout_seconds
         self._max_retries = max_retries
         self._metrics = metrics
         self._rng = random.Random()
@@ -150,6 +152,8 @@ class Upstream:
         """
         encoded = (body if isinstance(body, str) else json.dumps(body)).encode()
         last = "no attempt made"
+        slept = 0.0
+        retry_after: float | None = None
         for attempt in range(self._max_retries + 1):
             try:
                 status, payload = await self._call(
@@ -173,9 +177,14 @@ class Upstream:
                 last = str(exc)
                 if attempt == self._max_retries:
                     break
-                delay = exc.retry_after
-                if delay is None:
-                    delay = backoff_delay(attempt, self._rng)
+                # Retry-After: 0 is no reason to hammer a struggling upstream.
+                delay = max(exc.retry_after or 0.0, backoff_delay(attempt, self._rng))
+                if slept + delay > self._timeout_seconds:
+                    # The client is waiting: past one request timeout of sleeping,
+                    # it gets the 502 now, with when to try again.
+                    retry_after = delay
+                    break
+                slept += delay
                 log.warning(
                     "upstream submit failed, retrying",
                     extra={"attempt": attempt + 1, "delay_s": round(delay, 3), "error": last},
@@ -183,10 +192,13 @@ class Upstream:
                 await asyncio.sleep(delay)
                 continue
             return self._submitted_id(status, payload)
+        attempts = attempt + 1
         raise APIError(
             502,
-            f"APIXO is unavailable after {self._max_retries + 1} attempts: {last}",
+            f"APIXO is unavailable after {attempts} attempt{'s' if attempts > 1 else ''}: "
+            f"{last}",
             message="Upstream provider or network error",
+            headers={} if retry_after is None else {"Retry-After": str(math.ceil(retry_after))},
         )
 
     def _submitted_id(self, status: int, payload: dict[str, Any]) -> str:

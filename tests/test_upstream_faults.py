@@ -7,6 +7,7 @@ gateway sees real HTTP errors and dropped connections.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import time
 from typing import Any
@@ -360,3 +361,41 @@ async def test_the_upstream_key_never_reaches_a_client() -> None:
                     raise AssertionError("an error answer was accepted")
     finally:
         await runner.cleanup()
+
+
+async def test_a_long_retry_after_ends_the_submit_with_a_502_that_says_when(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # APIXO asks for 30 s of quiet; the client is not kept waiting that long
+    # (request_timeout_seconds is 5 here): it gets the 502 at once, with when.
+    gw = gateways([team("alpha", budget_usd=BUDGET)])
+    alpha = Client(http, gw.url, "key-alpha")
+    await sim.faults(submit_errors=[503, 503], retry_after_seconds=30)
+    started = time.monotonic()
+    code, body, headers = await alpha.submit(t2i("during an outage"))
+    assert code == 502, body
+    assert time.monotonic() - started < 3
+    assert headers["Retry-After"] == "30"
+    assert (await sim.stats())["submit_attempts"] == 1
+    await assert_nothing_held(alpha)
+
+
+async def test_resumed_polls_are_spread_not_fired_at_once(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # 30 tasks in flight, all overdue for a poll when the gateway comes back:
+    # APIXO sees them over an interval (2 s here), not in one burst.
+    gw = gateways([team("alpha", budget_usd=10.0)], upstream={"poll_interval_seconds": 2})
+    alpha = Client(http, gw.url, "key-alpha")
+    for i in range(30):
+        await alpha.submit_ok(t2i(f"[latency:60] long render {i}"))
+    gw.kill9()
+    await asyncio.sleep(0.3)
+    gw.start()
+    seen = [(await sim.stats())["status_polls"]]
+    for _ in range(12):  # 2.4 s in 0.2 s steps
+        await asyncio.sleep(0.2)
+        seen.append((await sim.stats())["status_polls"])
+    steps = [b - a for a, b in itertools.pairwise(seen)]
+    assert sum(steps) >= 26, steps  # (almost) every task polled once in the interval
+    assert max(steps) <= 12, steps  # and no step carries most of them

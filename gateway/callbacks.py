@@ -47,6 +47,12 @@ BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 300.0
 RESOLVE_TIMEOUT_SECONDS = 5.0
 CONCURRENCY = 16
+# Attempts in flight to one host at most: a receiver that accepts connections
+# and never answers holds its slots for a whole attempt timeout, and without a
+# cap it held all of them, so every other team's webhooks waited behind it.
+PER_HOST = 4
+# Due rows read per scan: enough to find other hosts' rows behind a slow one's.
+SCAN_ROWS = 1000
 # Rows another process may have written are noticed at least this often.
 IDLE_POLL_SECONDS = 15.0
 # After an unexpected error (e.g. the database is unavailable), before trying again.
@@ -218,6 +224,15 @@ async def check_callback_url(url: str, cfg: CallbacksConfig) -> None:
 # -- delivery ---------------------------------------------------------------------
 
 
+def _host(url: str) -> str:
+    """The receiver a URL reaches: host and port."""
+    try:
+        parsed = URL(url)
+        return f"{(parsed.host or '').lower()}:{parsed.port}"
+    except ValueError:
+        return url
+
+
 class Callbacks:
     """The outbox worker: one loop, at most `concurrency` deliveries at a time."""
 
@@ -250,6 +265,7 @@ class Callbacks:
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._inflight_hosts: dict[int, str] = {}
         # Rows whose attempt ended while the loop was reading the outbox: that
         # read may predate the attempt's record, so they must not be sent again.
         self._ended: set[int] = set()
@@ -305,22 +321,34 @@ class Callbacks:
         """Start the due deliveries; return how long to sleep unless woken."""
         now = now_ms()
         free = self._concurrency - len(self._inflight)
+        per_host: dict[str, int] = {}
+        for host in self._inflight_hosts.values():
+            per_host[host] = per_host.get(host, 0) + 1
         if free > 0:
             self._ended.clear()
-            for item in await self._store.outbox_due(now, free + len(self._inflight)):
+            for item in await self._store.outbox_due(now, SCAN_ROWS):
                 if free == 0:
                     break
                 if item.id in self._inflight or item.id in self._ended:
                     continue
+                host = _host(item.url)
+                if per_host.get(host, 0) >= PER_HOST:
+                    continue  # its turn comes when one of its attempts ends
+                per_host[host] = per_host.get(host, 0) + 1
+                self._inflight_hosts[item.id] = host
                 self._inflight[item.id] = asyncio.create_task(
                     self._deliver_guarded(item), name=f"callback-{item.task_id}"
                 )
                 free -= 1
         if free == 0:
             return IDLE_POLL_SECONDS  # a finishing delivery wakes the loop
-        # The earliest row not already being sent decides the next wake-up.
-        upcoming = await self._store.outbox_due(_FAR_FUTURE_MS, len(self._inflight) + 1)
-        due = [i.next_attempt_ms for i in upcoming if i.id not in self._inflight]
+        # The earliest row that could be sent now decides the next wake-up; rows
+        # of hosts at their cap wait for one of their attempts to end, which wakes it.
+        upcoming = await self._store.outbox_due(_FAR_FUTURE_MS, SCAN_ROWS)
+        due = [
+            i.next_attempt_ms for i in upcoming
+            if i.id not in self._inflight and per_host.get(_host(i.url), 0) < PER_HOST
+        ]
         if not due:
             return IDLE_POLL_SECONDS
         return min(max(0.0, (due[0] - now_ms()) / 1000), IDLE_POLL_SECONDS)
@@ -337,6 +365,7 @@ class Callbacks:
         finally:
             # Only after the attempt is recorded, so the loop never sends a row twice at once.
             self._inflight.pop(item.id, None)
+            self._inflight_hosts.pop(item.id, None)
             self._ended.add(item.id)
             self._wakeup.set()
 

@@ -715,3 +715,27 @@ async def test_e2e_a_refused_submit_sends_no_webhook(
     tasks = (await client.admin("/admin/tasks"))["tasks"]
     refused = [t for t in tasks if t["failCode"] == "UpstreamRejected"]
     assert len(refused) == 2 and all(t["callback_state"] is None for t in refused), refused
+
+
+async def test_a_receiver_that_never_answers_does_not_hold_up_the_others(
+    store: Store, receiver: Receiver, worker_factory: WorkerFactory
+) -> None:
+    # It accepts connections and never replies: each attempt to it lasts the
+    # whole attempt timeout. Twenty of them are queued before a healthy one.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        worker = await worker_factory(attempt_timeout_seconds=20)
+        for i in range(20):
+            await final_task(store, f"gw_stuck_{i}", f"http://127.0.0.1:{port}/hook")
+        await final_task(store, "gw_healthy", receiver.url())
+        started = time.monotonic()
+        worker.callbacks.wake()
+        await receiver.wait_hits(1, within=5)
+        assert time.monotonic() - started < 3
+        assert receiver.hits[0].headers["X-Gateway-Task-Id"] == "gw_healthy"
+    finally:
+        server.close()

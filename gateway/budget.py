@@ -91,12 +91,10 @@ class Budgets:
             raise over_budget(team, exc.usage, task.reserved_micros) from None
 
     async def settle(
-        self, task_id: str, outcome: Outcome, *, cache_key: str | None, cache_ttl_ms: int,
-        unannounced: bool = False,
+        self, task_id: str, outcome: Outcome, *, cache_key: str | None, cache_ttl_ms: int
     ) -> list[TaskRecord]:
         return await self._store.finish(
-            task_id, outcome, cache_key=cache_key, cache_ttl_ms=cache_ttl_ms,
-            unannounced=unannounced,
+            task_id, outcome, cache_key=cache_key, cache_ttl_ms=cache_ttl_ms
         )
 
     async def view(self, team: TeamConfig, today: date | None = None) -> BudgetView:

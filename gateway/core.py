@@ -30,6 +30,7 @@ from gateway.metrics import Metrics
 from gateway.money import micros_to_usd
 from gateway.store import (
     IDEMPOTENCY_TTL_MS,
+    UNANNOUNCED,
     CacheEntry,
     IdempotencyConflict,
     Outcome,
@@ -55,14 +56,6 @@ class SubmitOptions(NamedTuple):  # built on every submit: see store.TaskRecord
     idempotency_key: str | None = None
     no_cache: bool = False
     no_store: bool = False
-
-
-# Failures of tasks whose id the client never received: upstream refused the
-# submit (the client got the error), or a restart found a task that never
-# reached upstream (the client got no answer). Settling one drops its
-# Idempotency-Key, so a retry tries again, and sends no webhook about an id
-# nobody was told.
-UNANNOUNCED = frozenset({"UpstreamRejected", "GatewayRestart"})
 
 
 class Submitted(NamedTuple):
@@ -123,7 +116,7 @@ class Gateway:
 
     def apply_config(self, config: Config) -> None:
         """Swap teams, keys, budgets and limits; in-flight work keeps its leases."""
-        previous = getattr(self, "config", None)
+        previous = self.config
         self.config = config
         self._keys = {digest: team for team in config.teams for digest in team.key_hashes}
         self._seen_keys = {}
@@ -135,9 +128,8 @@ class Gateway:
             if team.max_concurrent is not None:
                 self.metrics.team_max_concurrent.labels(team.name).set(team.max_concurrent)
             self.metrics.tasks_in_flight.labels(team.name).set(self.limits.in_flight(team.name))
-        if previous is not None:
-            for gone in {t.name for t in previous.teams} - {t.name for t in config.teams}:
-                self._show_in_flight(gone)
+        for gone in {t.name for t in previous.teams} - {t.name for t in config.teams}:
+            self._show_in_flight(gone)
         self.metrics.prepare((team.name for team in config.teams), config.pricing)
         self.cache.set_ttl(config.cache.ttl_seconds * 1000)
 
@@ -200,7 +192,7 @@ class Gateway:
             if task.upstream_id is None:
                 # It may or may not have reached upstream; we never resubmit,
                 # so the team gets its reservation back. The client never got
-                # an answer (see UNANNOUNCED).
+                # an answer (see store.UNANNOUNCED).
                 await self.finish(task.id, Outcome(
                     "failed", now_ms(), fail_code="GatewayRestart",
                     fail_msg="The gateway restarted before APIXO accepted the task",
@@ -422,7 +414,7 @@ class Gateway:
             if flight is not None and key is not None and isinstance(exc, APIError):
                 self.flights.abort(key, flight, refusal=exc)
             refused = Outcome("failed", now_ms(), fail_code="UpstreamRejected", fail_msg=why)
-            # The client gets an error, not this task's id (see UNANNOUNCED).
+            # The client gets an error, not this task's id (see store.UNANNOUNCED).
             forget = opts.idempotency_key is not None
             try:
                 await asyncio.shield(self.finish(task.id, refused))
@@ -470,8 +462,7 @@ class Gateway:
         ):
             key = self._cache_key(task.identity, task.team)
         finished = await self.budgets.settle(
-            task_id, outcome, cache_key=key, cache_ttl_ms=self.config.cache.ttl_seconds * 1000,
-            unannounced=outcome.fail_code in UNANNOUNCED,
+            task_id, outcome, cache_key=key, cache_ttl_ms=self.config.cache.ttl_seconds * 1000
         )
         self._finished(finished, cache_key=key)
         return finished
@@ -514,14 +505,12 @@ class Gateway:
                     ))
             if task.saved_micros:
                 self.metrics.saved.add(task.team, task.model, task.saved_micros)
-            if task.state == "failed" and task.fail_code not in (
-                "UpstreamRejected",
-            ):
+            if task.state == "failed" and task.fail_code not in UNANNOUNCED:
                 self.metrics.task_failures.labels(
                     task.team, task.model, self.metrics.fail_code_label(task.fail_code)
                 ).inc()
             # Hits end the moment they start; counting them would hide upstream latency.
-            if task.cache != "hit" and task.fail_code != "UpstreamRejected":
+            if task.cache != "hit" and task.fail_code not in UNANNOUNCED:
                 self.metrics.task_duration.labels(task.model, task.state).observe(max(0, seconds))
             # A hit is born final and never changes state: its request line
             # (cache=hit, task_id) is its whole story, and a second line for

@@ -57,6 +57,13 @@ GROUP_COMMIT_MAX_WAIT_SECONDS = 0.002
 COMMIT_AT_ONCE_AFTER_IDLE_SECONDS = 0.002
 SWEEP_BATCH = 500  # rows per sweep transaction: each holds the loop well under a millisecond
 
+# Failures of tasks whose id the client never received: upstream refused the
+# submit (the client got the error), or a restart found a task that never
+# reached upstream (the client got no answer). Neither is an upstream task or
+# a failed one in the reports and metrics; settling one drops its
+# Idempotency-Key, so a retry tries again, and sends no webhook about it.
+UNANNOUNCED = ("UpstreamRejected", "GatewayRestart")
+_UNANNOUNCED_SQL = ", ".join(f"'{code}'" for code in UNANNOUNCED)
 ACTIVE_STATES = ("submitting", "pending", "processing")
 FINAL_STATES = ("success", "failed")
 
@@ -727,7 +734,6 @@ class Store:
         *,
         cache_key: str | None,
         cache_ttl_ms: int,
-        unannounced: bool = False,
     ) -> list[TaskRecord]:
         """Settle a task and its joined followers, exactly once.
 
@@ -735,14 +741,13 @@ class Store:
         tracker, the timeout and a restart, only the first to arrive settles.
         Returns the tasks this call finished (empty if it lost the race).
 
-        unannounced: the client never got this task's id (upstream refused it,
-        or a restart found it never reached upstream). Its Idempotency-Key is
-        dropped so that a retry tries again, in this transaction: in a separate
-        one, a kill between the two left the key replaying the failure. And no
-        webhook is sent about a task id nobody was told (APIXO sends none for a
-        refused submit either).
+        An UNANNOUNCED failure's Idempotency-Key is dropped in this transaction
+        (in a separate one, a kill between the two left the key replaying the
+        failure), and no webhook is sent about a task id nobody was told (APIXO
+        sends none for a refused submit either).
         """
         now_ms = outcome.complete_ms
+        unannounced = outcome.fail_code in UNANNOUNCED
         async with self._transaction() as db:
             if unannounced:
                 await db.execute("DELETE FROM idempotency WHERE task_id = ?", (task_id,))
@@ -925,13 +930,12 @@ class Store:
         )
         async with self._r.execute(sql, args) as cur:
             rows = await cur.fetchall()
-        # A submit upstream refused (or a restart found never accepted) reserved
-        # and was released, but the client got no task id: it is neither an
-        # upstream task nor a failed one, as in the metrics.
+        # An UNANNOUNCED failure reserved and was released, but it is neither an
+        # upstream task nor a failed one.
         fail_sql = (
             f"SELECT team, {'budget_day' if by_day else 'NULL'}, "
-            "SUM(fail_code NOT IN ('UpstreamRejected', 'GatewayRestart')), "
-            "SUM(fail_code IN ('UpstreamRejected', 'GatewayRestart')) FROM tasks "
+            f"SUM(fail_code NOT IN ({_UNANNOUNCED_SQL})), "
+            f"SUM(fail_code IN ({_UNANNOUNCED_SQL})) FROM tasks "
             "WHERE state = 'failed' AND leader_id IS NULL AND cache IN ('miss', 'bypass')"
             + "".join(
                 f" AND {c.replace('day', 'budget_day')}" for c in where
@@ -939,7 +943,7 @@ class Store:
             + f" GROUP BY team{', budget_day' if by_day else ''}"
         )
         async with self._r.execute(fail_sql, args) as cur:
-            failures = {(t, d): (int(n or 0), int(r or 0)) for t, d, n, r in await cur.fetchall()}
+            failures = {(t, d): (int(n or 0), int(u or 0)) for t, d, n, u in await cur.fetchall()}
         return [
             {
                 "team": t,
@@ -949,10 +953,11 @@ class Store:
                 "saved_micros": int(saved or 0),
                 "cache_hits": int(hits or 0),
                 "reserved_micros": int(reserved or 0),
-                "upstream_tasks": int(upstream or 0) - failures.get((t, d), (0, 0))[1],
-                "failures": failures.get((t, d), (0, 0))[0],
+                "upstream_tasks": int(upstream or 0) - unannounced,
+                "failures": failed,
             }
             for t, d, spent, images, saved, hits, reserved, upstream in rows
+            for failed, unannounced in [failures.get((t, d), (0, 0))]
         ]
 
     async def team_counts(self) -> dict[str, tuple[int, int]]:

@@ -65,6 +65,19 @@ async def kill9_mid_submit(
     gw.start()
 
 
+async def retry_is_a_new_attempt(
+    client: Client, sim: SimulatorProcess, prompt: str, headers: dict[str, str]
+) -> None:
+    """The same Idempotency-Key again: a fresh task that succeeds and is paid once."""
+    code, body, reply_headers = await client.submit(t2i(prompt), headers=headers)
+    assert code == 200, body
+    assert "X-Gateway-Idempotent-Replay" not in reply_headers
+    data = await client.wait_final(body["data"]["taskId"])
+    assert data["state"] == "success", data
+    assert (await sim.stats())["submits"] == 1
+    assert round(await client.balance(), 6) == BUDGET - PRICE
+
+
 async def test_kill9_with_tasks_in_flight_resumes_without_resubmitting(
     gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
 ) -> None:
@@ -144,13 +157,7 @@ async def test_kill9_mid_submit_lets_the_idempotent_retry_submit_again(
     )
     # The client never had an answer, so its retry is a new attempt, not a
     # replay of the task the restart failed.
-    code, body, reply_headers = await alpha.submit(t2i("caught mid-submit"), headers=headers)
-    assert code == 200, body
-    assert "X-Gateway-Idempotent-Replay" not in reply_headers
-    data = await alpha.wait_final(body["data"]["taskId"])
-    assert data["state"] == "success", data
-    assert (await sim.stats())["submits"] == 1
-    assert round(await alpha.balance(), 6) == BUDGET - PRICE
+    await retry_is_a_new_attempt(alpha, sim, "caught mid-submit", headers)
 
 
 async def test_sigterm_finishes_the_request_in_flight_exits_0_and_resumes(
@@ -281,12 +288,4 @@ async def test_kill9_after_a_refusal_is_settled_lets_the_idempotent_retry_submit
     gw.start()
     # The client never had an answer: its retry is a new attempt, not a
     # replay of the refused task.
-    code, body, reply_headers = await alpha.submit(
-        t2i("refused, then the gateway dies"), headers=headers
-    )
-    assert code == 200, body
-    assert "X-Gateway-Idempotent-Replay" not in reply_headers
-    data = await alpha.wait_final(body["data"]["taskId"])
-    assert data["state"] == "success", data
-    assert (await sim.stats())["submits"] == 1
-    assert round(await alpha.balance(), 6) == BUDGET - PRICE
+    await retry_is_a_new_attempt(alpha, sim, "refused, then the gateway dies", headers)

@@ -10,9 +10,12 @@ import asyncio
 import itertools
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from gateway.errors import APIError
@@ -36,6 +39,29 @@ async def assert_nothing_held(client: Client) -> None:
     row = await team_row(client)
     assert row["spent_usd"] == 0 and row["reserved_usd"] == 0, row
     assert row["in_flight"] == 0, row
+
+
+@asynccontextmanager
+async def fake_upstream(
+    generate: Callable[[web.Request], Awaitable[web.Response]], *, api_key: str = "k",
+    max_retries: int = 2,
+) -> AsyncIterator[Upstream]:
+    """The gateway's APIXO client pointed at a one-route aiohttp app on loopback."""
+    app = web.Application()
+    app.router.add_post("/api/v1/generateTask/{model}", generate)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Upstream(
+                session, base_url=f"http://127.0.0.1:{port}/api/v1", api_key=api_key,
+                timeout_seconds=2, max_retries=max_retries, metrics=Metrics(),
+            )
+    finally:
+        await runner.cleanup()
 
 
 async def test_submit_is_retried_on_429_503_and_dropped_connection(
@@ -262,53 +288,31 @@ async def test_an_upstream_answer_with_nan_in_a_field_is_still_read() -> None:
             content_type="application/json",
         )
 
-    app = web.Application()
-    app.router.add_post("/api/v1/generateTask/{model}", generate)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with aiohttp.ClientSession() as session:
-            upstream = Upstream(
-                session, base_url=f"http://127.0.0.1:{port}/api/v1", api_key="k",
-                timeout_seconds=2, max_retries=2, metrics=Metrics(),
-            )
-            assert await upstream.submit("grok-image", "{}") == "up-1"
-        assert calls == 1
-    finally:
-        await runner.cleanup()
+    async with fake_upstream(generate) as upstream:
+        assert await upstream.submit("grok-image", "{}") == "up-1"
+    assert calls == 1
 
 
-async def test_a_submit_accepted_with_an_unreadable_answer_is_not_sent_again(
-    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
-) -> None:
+@pytest.mark.parametrize(("fault", "status", "needle"), [
     # APIXO created the task and answered 200, but the body was cut short: a
     # second submit would be a second billed task.
-    gw = gateways([team("alpha", budget_usd=BUDGET)])
-    alpha = Client(http, gw.url, "key-alpha")
-    await sim.faults(submit_errors=["garbled"])
-    code, body, _ = await alpha.submit(t2i("accepted, answer lost"))
-    assert code == 502, body
-    assert "not sent again" in body["data"]["error"]
-    stats = await sim.stats()
-    assert (stats["submit_attempts"], stats["submits"]) == (1, 1)
-    await assert_nothing_held(alpha)
-
-
-async def test_a_refusal_with_an_html_body_is_not_retried(
-    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
-) -> None:
+    ("garbled", 502, "not sent again"),
     # A proxy in front of APIXO answering 400 with a page: the same request would
     # be refused again, so it is the client's 400 at once, not a 502 after retries.
+    ("html", 400, "not a JSON object"),
+])
+async def test_an_unreadable_answer_to_a_submit_is_not_retried(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess,
+    fault: str, status: int, needle: str,
+) -> None:
     gw = gateways([team("alpha", budget_usd=BUDGET)])
     alpha = Client(http, gw.url, "key-alpha")
-    await sim.faults(submit_errors=["html"])
-    code, body, _ = await alpha.submit(t2i("refused by a proxy"))
-    assert code == 400, body
-    assert "not a JSON object" in body["data"]["error"]
-    assert (await sim.stats())["submit_attempts"] == 1
+    await sim.faults(submit_errors=[fault])
+    code, body, _ = await alpha.submit(t2i(f"answered with {fault}"))
+    assert code == status, body
+    assert needle in body["data"]["error"]
+    stats = await sim.stats()
+    assert (stats["submit_attempts"], stats["submits"]) == (1, 1 if fault == "garbled" else 0)
     await assert_nothing_held(alpha)
 
 
@@ -337,30 +341,17 @@ async def test_the_upstream_key_never_reaches_a_client() -> None:
             status=status,
         )
 
-    app = web.Application()
-    app.router.add_post("/api/v1/generateTask/{model}", generate)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with aiohttp.ClientSession() as session:
-            upstream = Upstream(
-                session, base_url=f"http://127.0.0.1:{port}/api/v1",
-                api_key="sk-secret-upstream-key", timeout_seconds=2, max_retries=0,
-                metrics=Metrics(),
-            )
-            for body in ('{"bad": 1}', "{}"):
-                try:
-                    await upstream.submit("grok-image", body)
-                except APIError as exc:
-                    assert "sk-secret-upstream-key" not in exc.error, exc.error
-                    assert "[upstream key]" in exc.error
-                else:
-                    raise AssertionError("an error answer was accepted")
-    finally:
-        await runner.cleanup()
+    async with fake_upstream(
+        generate, api_key="sk-secret-upstream-key", max_retries=0
+    ) as upstream:
+        for body in ('{"bad": 1}', "{}"):
+            try:
+                await upstream.submit("grok-image", body)
+            except APIError as exc:
+                assert "sk-secret-upstream-key" not in exc.error, exc.error
+                assert "[upstream key]" in exc.error
+            else:
+                raise AssertionError("an error answer was accepted")
 
 
 async def test_a_long_retry_after_ends_the_submit_with_a_502_that_says_when(

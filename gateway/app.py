@@ -102,7 +102,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     endpoint = _endpoint(request)
     team = info.team
     model = info.model
-    metrics.observe_request(endpoint, model, team, response.status, elapsed)
+    metrics.requests.observe(endpoint, model, team, response.status, elapsed)
     # Scrapes are not logged: one line every few seconds would drown the requests.
     if endpoint != "metrics" and log.isEnabledFor(logging.INFO):
         fields: dict[str, object] = {

@@ -327,7 +327,7 @@ def test_fail_code_labels_are_capped() -> None:
 def test_registry_belongs_to_the_app() -> None:
     """Two gateways in one process keep separate counts (no global registry)."""
     first, second = Metrics(), Metrics()
-    first.requests.labels("generateTask", "grok-image", "alpha", "200").inc()
+    first.requests.observe("generateTask", "grok-image", "alpha", 200, 0.01)
     first.spend.add("alpha", "grok-image", 100_000)
     one = generate_latest(first.registry).decode()
     two = generate_latest(second.registry).decode()
@@ -339,3 +339,51 @@ def test_registry_belongs_to_the_app() -> None:
     assert REGISTRY.get_sample_value("apixo_gateway_requests_total", {
         "endpoint": "generateTask", "model": "grok-image", "team": "alpha", "code": "200",
     }) is None
+
+
+def test_request_stats_expose_what_prometheus_client_would() -> None:
+    """The requests counter and duration histogram are plain ints until scraped;
+    scraped, they must read exactly as prometheus-client's own Counter and
+    Histogram fed the same requests (values on and between bucket bounds
+    included), apart from the `_created` timestamps."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from gateway.metrics import _LATENCY_BUCKETS
+
+    ours = Metrics()
+    registry = CollectorRegistry()
+    counter = Counter("apixo_gateway_requests_total", "HTTP requests answered by the gateway",
+                      ["endpoint", "model", "team", "code"], registry=registry)
+    histogram = Histogram("apixo_gateway_request_duration_seconds",
+                          "Time to answer an HTTP request", ["endpoint"],
+                          buckets=_LATENCY_BUCKETS, registry=registry)
+    requests = [
+        ("statusTask", "grok-image", "alpha", 200, 0.0001),  # on a bound
+        ("statusTask", "grok-image", "alpha", 200, 0.00011),
+        ("statusTask", "grok-image", "beta", 404, 0.003),
+        ("generateTask", "grok-image", "alpha", 200, 0.0),
+        ("generateTask", "none", "none", 401, 31.0),  # beyond the last bound: +Inf only
+        ("metrics", "none", "none", 200, 1.0),
+    ]
+    for endpoint, model, team_name, code, seconds in requests:
+        ours.requests.observe(endpoint, model, team_name, code, seconds)
+        counter.labels(endpoint, model, team_name, str(code)).inc()
+        histogram.labels(endpoint).observe(seconds)
+
+    def exposed(registry: CollectorRegistry) -> dict[tuple[str, frozenset[Any]], float]:
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            if family.name in ("apixo_gateway_requests", "apixo_gateway_request_duration_seconds")
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    expected = exposed(registry)
+    # Five request series; three endpoints with each bound, +Inf, _count and _sum.
+    assert len(expected) == 5 + 3 * (len(_LATENCY_BUCKETS) + 3)
+    assert exposed(ours.registry) == expected
+    types = {f.name: f.type for f in text_string_to_metric_families(
+        generate_latest(ours.registry).decode())}
+    assert types["apixo_gateway_requests"] == "counter"
+    assert types["apixo_gateway_request_duration_seconds"] == "histogram"

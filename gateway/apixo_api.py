@@ -14,7 +14,7 @@ from gateway import jsonio
 from gateway.appkeys import GATEWAY
 from gateway.cache import canonical_json
 from gateway.config import TeamConfig
-from gateway.core import SubmitOptions
+from gateway.core import StatusAnswer, SubmitOptions
 from gateway.errors import APIError
 from gateway.exchange import exchange
 from gateway.money import micros_to_usd
@@ -187,14 +187,16 @@ async def status_task(request: web.Request) -> web.Response:
     task_id = request.query.get("taskId", "").strip()
     if not task_id:
         raise invalid("Missing required query parameter: taskId")
-    task = await gateway.get_task(task_id)
+    answer = gateway.final_answer(task_id)
+    if answer is None:
+        task = await gateway.get_task(task_id)
+        if task is not None:
+            answer = StatusAnswer(task.team, task.model, gateway.status_body(task))
     # Another team's task is indistinguishable from one that does not exist.
-    if task is None or task.team != team.name or task.model != model:
+    if answer is None or answer.team != team.name or answer.model != model:
         raise APIError(404, f"Task {task_id!r} not found", message="Task not found")
-    exchange(request).task_id = task.id
-    return web.Response(
-        body=gateway.status_body(task), content_type="application/json", charset="utf-8"
-    )
+    exchange(request).task_id = task_id
+    return web.Response(body=answer.body, content_type="application/json", charset="utf-8")
 
 
 async def current_balance(request: web.Request) -> web.Response:

@@ -64,6 +64,12 @@ class Submitted(NamedTuple):
     replayed: bool = False
 
 
+class StatusAnswer(NamedTuple):
+    team: str
+    model: str
+    body: bytes
+
+
 class TaskViews:
     """Recently seen tasks by id: what status polls and the lifecycle read first.
 
@@ -106,7 +112,7 @@ class Gateway:
         self.flights = Flights()
         self.tracker = Tracker(upstream, config.upstream, self._on_outcome, self._on_processing)
         self._views = TaskViews(VIEW_CACHE_ENTRIES)
-        self._status_bodies: LRUCache[str, bytes] = LRUCache(maxsize=STATUS_BODY_ENTRIES)
+        self._status_bodies: LRUCache[str, StatusAnswer] = LRUCache(maxsize=STATUS_BODY_ENTRIES)
         self._idempotency_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._keys: dict[bytes, TeamConfig] = {}
         self._seen_keys: dict[str, TeamConfig] = {}
@@ -537,10 +543,21 @@ class Gateway:
         """The statusTask answer, encoded; a final task's is encoded once."""
         if not task.is_final:
             return json.dumps(status_envelope(task, self.shown_state(task))).encode()
-        body = self._status_bodies.get(task.id)
-        if body is None:
-            body = self._status_bodies[task.id] = json.dumps(status_envelope(task)).encode()
-        return body
+        answer = self._status_bodies.get(task.id)
+        if answer is None:
+            body = json.dumps(status_envelope(task)).encode()
+            answer = self._status_bodies[task.id] = StatusAnswer(task.team, task.model, body)
+        return answer.body
+
+    def final_answer(self, task_id: str) -> StatusAnswer | None:
+        """A final task's owner and encoded statusTask answer, if encoded already.
+
+        Most polls are of tasks already final (clients poll until they see it,
+        and then again), and this answers them with one lookup: reading the
+        task, rebuilding its record and then finding its body was a tenth of
+        such a poll's cost.
+        """
+        return self._status_bodies.get(task_id)
 
     def shown_state(self, task: TaskRecord) -> str | None:
         """A joined task shows its leader's progress until both are final."""

@@ -14,9 +14,9 @@ from gateway import jsonio
 from gateway.appkeys import GATEWAY
 from gateway.cache import canonical_json
 from gateway.config import TeamConfig
-from gateway.core import StatusAnswer, SubmitOptions
+from gateway.core import Gateway, StatusAnswer, SubmitOptions
 from gateway.errors import APIError
-from gateway.exchange import exchange
+from gateway.exchange import Exchange, exchange
 from gateway.money import micros_to_usd
 from gateway.validation import Submission, invalid, validate_submit
 
@@ -24,25 +24,30 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _team(request: web.Request) -> TeamConfig:
-    team = request.app[GATEWAY].authenticate(request.headers.get("Authorization"))
-    exchange(request).team = team.name
+# The handlers pass the gateway and the request's Exchange down rather than
+# look them up again: each lookup is a chain of properties, and a status poll
+# made eight of them.
+
+
+def _team(request: web.Request, gateway: Gateway, info: Exchange) -> TeamConfig:
+    team = gateway.authenticate(request.headers.get("Authorization"))
+    info.team = team.name
     return team
 
 
-def _model(request: web.Request) -> str:
+def _model(request: web.Request, gateway: Gateway, info: Exchange) -> str:
     model = request.match_info["model"]
-    pricing = request.app[GATEWAY].config.pricing
+    pricing = gateway.config.pricing
     if model not in pricing:
         served = ", ".join(sorted(pricing)) or "none"
         raise APIError(404, f"Model {model!r} is not served by this gateway (served: {served})",
                        message="Model not found", reason="invalid")
-    exchange(request).model = model
+    info.model = model
     return model
 
 
-async def _read_body(request: web.Request) -> bytes:
-    limit = request.app[GATEWAY].config.server.max_body_bytes
+async def _read_body(request: web.Request, gateway: Gateway) -> bytes:
+    limit = gateway.config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"Request body is {request.content_length} bytes; "
                        f"server.max_body_bytes is {limit}", reason="invalid")
@@ -150,10 +155,12 @@ def _idempotency_key(request: web.Request) -> str | None:
 
 async def generate_task(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    team = _team(request)
-    model = _model(request)
-    body, submission = request.app[PARSED_BODIES].parse(model, await _read_body(request))
     info = exchange(request)
+    team = _team(request, gateway, info)
+    model = _model(request, gateway, info)
+    body, submission = request.app[PARSED_BODIES].parse(
+        model, await _read_body(request, gateway)
+    )
     prompt = submission.input.get("prompt")
     if isinstance(prompt, str):
         info.prompt = prompt  # logged only with [logging] log_prompts = true
@@ -182,8 +189,9 @@ async def generate_task(request: web.Request) -> web.Response:
 
 async def status_task(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    team = _team(request)
-    model = _model(request)
+    info = exchange(request)
+    team = _team(request, gateway, info)
+    model = _model(request, gateway, info)
     task_id = request.query.get("taskId", "").strip()
     if not task_id:
         raise invalid("Missing required query parameter: taskId")
@@ -195,13 +203,13 @@ async def status_task(request: web.Request) -> web.Response:
     # Another team's task is indistinguishable from one that does not exist.
     if answer is None or answer.team != team.name or answer.model != model:
         raise APIError(404, f"Task {task_id!r} not found", message="Task not found")
-    exchange(request).task_id = task_id
+    info.task_id = task_id
     return web.Response(body=answer.body, content_type="application/json", charset="utf-8")
 
 
 async def current_balance(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    team = _team(request)
+    team = _team(request, gateway, exchange(request))
     view = await gateway.budgets.view(team)
     remaining = view.remaining
     data = None if remaining is None else micros_to_usd(remaining)

@@ -14,7 +14,7 @@ from gateway import jsonio
 from gateway.appkeys import GATEWAY
 from gateway.cache import canonical_json
 from gateway.config import TeamConfig
-from gateway.core import Gateway, StatusAnswer, SubmitOptions
+from gateway.core import Gateway, SubmitOptions
 from gateway.errors import APIError
 from gateway.exchange import Exchange, exchange
 from gateway.money import micros_to_usd
@@ -195,11 +195,7 @@ async def status_task(request: web.Request) -> web.Response:
     task_id = request.query.get("taskId", "").strip()
     if not task_id:
         raise invalid("Missing required query parameter: taskId")
-    answer = gateway.final_answer(task_id)
-    if answer is None:
-        task = await gateway.get_task(task_id)
-        if task is not None:
-            answer = StatusAnswer(task.team, task.model, gateway.status_body(task))
+    answer = await gateway.status_answer(task_id)
     # Another team's task is indistinguishable from one that does not exist.
     if answer is None or answer.team != team.name or answer.model != model:
         raise APIError(404, f"Task {task_id!r} not found", message="Task not found")

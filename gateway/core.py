@@ -112,7 +112,7 @@ class Gateway:
         self.flights = Flights()
         self.tracker = Tracker(upstream, config.upstream, self._on_outcome, self._on_processing)
         self._views = TaskViews(VIEW_CACHE_ENTRIES)
-        self._status_bodies: LRUCache[str, StatusAnswer] = LRUCache(maxsize=STATUS_BODY_ENTRIES)
+        self._final_answers: LRUCache[str, StatusAnswer] = LRUCache(maxsize=STATUS_BODY_ENTRIES)
         self._idempotency_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._keys: dict[bytes, TeamConfig] = {}
         self._seen_keys: dict[str, TeamConfig] = {}
@@ -539,25 +539,26 @@ class Gateway:
                 self._views.put(task)
         return task
 
-    def status_body(self, task: TaskRecord) -> bytes:
-        """The statusTask answer, encoded; a final task's is encoded once."""
-        if not task.is_final:
-            return json.dumps(status_envelope(task, self.shown_state(task))).encode()
-        answer = self._status_bodies.get(task.id)
-        if answer is None:
-            body = json.dumps(status_envelope(task)).encode()
-            answer = self._status_bodies[task.id] = StatusAnswer(task.team, task.model, body)
-        return answer.body
+    async def status_answer(self, task_id: str) -> StatusAnswer | None:
+        """A task's owner and encoded statusTask answer; None if there is no such task.
 
-    def final_answer(self, task_id: str) -> StatusAnswer | None:
-        """A final task's owner and encoded statusTask answer, if encoded already.
-
-        Most polls are of tasks already final (clients poll until they see it,
-        and then again), and this answers them with one lookup: reading the
-        task, rebuilding its record and then finding its body was a tenth of
-        such a poll's cost.
+        A final task's answer is encoded once and kept with its owner, so the
+        polls most clients make (of tasks already final: they poll until they
+        see it, and often after) take one lookup. Reading the task and
+        rebuilding its record first was a tenth of such a poll's cost.
         """
-        return self._status_bodies.get(task_id)
+        answer = self._final_answers.get(task_id)
+        if answer is not None:
+            return answer
+        task = await self.get_task(task_id)
+        if task is None:
+            return None
+        if not task.is_final:
+            body = json.dumps(status_envelope(task, self.shown_state(task))).encode()
+            return StatusAnswer(task.team, task.model, body)
+        answer = StatusAnswer(task.team, task.model, json.dumps(status_envelope(task)).encode())
+        self._final_answers[task.id] = answer
+        return answer
 
     def shown_state(self, task: TaskRecord) -> str | None:
         """A joined task shows its leader's progress until both are final."""

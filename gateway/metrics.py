@@ -111,27 +111,28 @@ class RequestStats:
         buckets[bisect_left(self._bounds, seconds)] += 1
         self._sums[endpoint] += seconds
 
-    def collect(self) -> Iterable[Metric]:
-        requests = CounterMetricFamily(
-            self.REQUESTS, self.REQUESTS_HELP, labels=("endpoint", "model", "team", "code")
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+        return (
+            CounterMetricFamily(self.REQUESTS, self.REQUESTS_HELP,
+                                labels=("endpoint", "model", "team", "code")),
+            HistogramMetricFamily(self.DURATION, self.DURATION_HELP, labels=("endpoint",)),
         )
+
+    def collect(self) -> Iterable[Metric]:
+        requests, duration = self._families()
         for (endpoint, model, team, code), count in sorted(self._counts.items()):
             requests.add_metric([endpoint, model, team, str(code)], count)
-        yield requests
-        duration = HistogramMetricFamily(self.DURATION, self.DURATION_HELP, labels=("endpoint",))
         for endpoint, counts in sorted(self._buckets.items()):
             cumulative, running = [], 0
             for le, count in zip(self._les, counts, strict=True):
                 running += count
                 cumulative.append((le, running))
             duration.add_metric([endpoint], cumulative, self._sums[endpoint])
+        yield requests
         yield duration
 
     def describe(self) -> Iterable[Metric]:
-        yield CounterMetricFamily(
-            self.REQUESTS, self.REQUESTS_HELP, labels=("endpoint", "model", "team", "code")
-        )
-        yield HistogramMetricFamily(self.DURATION, self.DURATION_HELP, labels=("endpoint",))
+        yield from self._families()
 
 
 class Metrics:

@@ -1173,14 +1173,19 @@ def _settle(task: TaskRecord, outcome: Outcome) -> TaskRecord:
 
 
 def _follow(follower: TaskRecord, leader: TaskRecord) -> TaskRecord:
-    """A joined task ends exactly as its leader did, charged nothing."""
+    """A joined task ends exactly as its leader did, charged nothing.
+
+    Not before it began, though: upstream may have finished the leader before
+    the follower joined (the gateway learns of it at its next poll), and a
+    client computing costTime must not see a negative one.
+    """
     success = leader.state == "success"
     return follower._replace(
         state=leader.state,
         result_json=leader.result_json,
         fail_code=leader.fail_code,
         fail_msg=leader.fail_msg,
-        complete_ms=leader.complete_ms,
+        complete_ms=max(follower.create_ms, leader.complete_ms or follower.create_ms),
         images=leader.images if success else 0,
         saved_micros=follower.price_micros * leader.images if success else 0,
     )

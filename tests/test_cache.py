@@ -228,6 +228,27 @@ async def test_leader_failure_fails_every_joined_task_and_nobody_pays(
     assert (await sim.stats())["submits"] == 2
 
 
+async def test_a_task_joined_after_upstream_finished_never_ends_before_it_began(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    # Upstream is done in 0.1 s, but the gateway only asks after 1.5 s: a join
+    # in between follows a leader whose completeTime is before the join's createTime.
+    gw = gateways(upstream={"first_poll_seconds": 1.5})
+    client = Client(http, gw.url, "key-alpha")
+    body = t2i("a kettle on a stove [latency:0.1]")
+    leader, kind = await accepted(client, body)
+    assert kind == "miss"
+    await asyncio.sleep(0.6)
+    joined, kind = await accepted(client, body)
+    assert kind == "joined"
+    first, second = await finals(client, [leader, joined])
+    assert first["state"] == second["state"] == "success"
+    assert first["completeTime"] < second["createTime"]  # the case at hand
+    assert second["completeTime"] == second["createTime"]
+    assert second["costTime"] == 0
+    assert first["costTime"] >= 0
+
+
 async def test_failures_are_not_cached(
     gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
 ) -> None:

@@ -11,6 +11,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,7 @@ from gateway.appkeys import CONFIG, GATEWAY, METRICS, MOCK_UPSTREAM, UPSTREAM_KE
 from gateway.callbacks import Callbacks
 from gateway.config import Config
 from gateway.core import Gateway
+from gateway.dblock import DatabaseLock
 from gateway.errors import APIError
 from gateway.exchange import EXCHANGE, Exchange
 from gateway.logs import log_event
@@ -148,10 +150,23 @@ async def _simulator_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
+    path = app[CONFIG].storage.path
+    lock = DatabaseLock(path)
+    lock.acquire()
+    store = Store(path)
+    try:
+        await store.open()
+        async with _serving(app, store):
+            yield
+    finally:
+        await store.close()
+        lock.release()
+
+
+@asynccontextmanager
+async def _serving(app: web.Application, store: Store) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
-    store = Store(config.storage.path)
-    await store.open()
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max(100, config.upstream.max_concurrent * 2)),
         # Neither APIXO nor webhook receivers get cookies; filtering the jar on
@@ -191,7 +206,6 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         await callbacks.stop()
         await gateway.stop()
         await session.close()
-        await store.close()
 
 
 async def _maintenance(gateway: Gateway) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config import Config, ConfigError, load_config, reloaded, storage_problems
+from gateway.dblock import DatabaseInUse
 from gateway.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway")
 
 DEFAULT_CONFIG = "config.toml"
+_CANNOT_LISTEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
 def _load(path: str, *, required: bool) -> Config:
@@ -112,14 +115,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app.on_startup.append(on_startup)
     app.on_startup.append(on_ready)
-    web.run_app(
-        app, host=host, port=port, access_log=None, print=None,
-        shutdown_timeout=config.upstream.request_timeout_seconds + 5,
-        # aiohttp's default, stated because the submit path relies on it: a
-        # client hanging up must not cancel a submit between its reservation
-        # and its upstream call.
-        handler_cancellation=False,
-    )
+    try:
+        web.run_app(
+            app, host=host, port=port, access_log=None, print=None,
+            shutdown_timeout=config.upstream.request_timeout_seconds + 5,
+            # aiohttp's default, stated because the submit path relies on it: a
+            # client hanging up must not cancel a submit between its reservation
+            # and its upstream call.
+            handler_cancellation=False,
+        )
+    except DatabaseInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _CANNOT_LISTEN:
+            raise
+        print(f"error: cannot listen on {host}:{port}: {os.strerror(exc.errno)}", file=sys.stderr)
+        return 2
     log.info("apixo-gateway stopped")
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +14,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Client, SimulatorProcess, t2i, team
+from tests.conftest import (
+    Client,
+    GatewayProcess,
+    SimulatorProcess,
+    free_port,
+    render_toml,
+    t2i,
+    team,
+)
 
 BUDGET = 5.0
 PRICE = 0.1
@@ -289,3 +299,60 @@ async def test_kill9_after_a_refusal_is_settled_lets_the_idempotent_retry_submit
     # The client never had an answer: its retry is a new attempt, not a
     # replay of the refused task.
     await retry_is_a_new_attempt(alpha, sim, "refused, then the gateway dies", headers)
+
+
+
+def serve_again(gw: GatewayProcess, workdir: Path, **sections: dict[str, Any]) -> list[str]:
+    """`serve` with gw's config, sections changed; it must exit 2. Returns its stderr lines.
+
+    Lines that are JSON log records (the config's format) are left out: the
+    user-facing error is the plain line.
+    """
+    config = {**gw.config, **{k: {**gw.config[k], **v} for k, v in sections.items()}}
+    path = workdir / "second.toml"
+    path.write_text(render_toml(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+        capture_output=True, text=True, env=gw.env, cwd=workdir, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    return [line for line in result.stderr.splitlines() if not line.startswith("{")]
+
+
+async def test_a_second_gateway_on_the_same_database_leaves_the_first_alone(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways(teams=[team("alpha", budget_usd=BUDGET, max_concurrent=1)])
+    client = Client(http, gw.url, "key-alpha")
+    # Held in its retry backoff with the money reserved: the state a second
+    # gateway's start-up would take for a crash's leftover and fail.
+    await sim.faults(submit_errors=[503, 503], retry_after_seconds=1)
+    caught = asyncio.create_task(client.submit(t2i("a lantern in fog")))
+    await wait_for_attempts(sim, 1)
+
+    lines = await asyncio.to_thread(
+        serve_again, gw, gw.workdir, server={"port": free_port()}
+    )
+    assert lines == [f"error: the database {gw.db} is in use by another apixo-gateway "
+                     f"(pid {gw.proc.pid}); one gateway per database"]
+
+    code, body, _ = await caught
+    assert code == 200, body
+    data = await client.wait_final(body["data"]["taskId"])
+    assert data["state"] == "success"
+    assert round(await client.balance(), 6) == BUDGET - PRICE
+    teams = {t["name"]: t for t in (await client.admin("/admin/teams"))["teams"]}
+    assert teams["alpha"]["in_flight"] == 0
+    # The slot came back: the team's one concurrent task may start again.
+    assert (await client.submit(t2i("a second lantern")))[0] == 200
+
+
+async def test_a_busy_port_is_one_line_and_exit_2(gateways: Any, tmp_path: Path) -> None:
+    gw = gateways()
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = await asyncio.to_thread(
+        serve_again, gw, other, storage={"path": str(other / "gateway.db")}
+    )
+    assert lines == [f"error: cannot listen on 127.0.0.1:{gw.port}: Address already in use"]

@@ -191,14 +191,19 @@ async def status_task(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     info = exchange(request)
     team = _team(request, gateway, info)
-    model = _model(request, gateway, info)
+    model = request.match_info["model"]
     task_id = request.query.get("taskId", "").strip()
     if not task_id:
+        _model(request, gateway, info)
         raise invalid("Missing required query parameter: taskId")
     answer = await gateway.status_answer(task_id)
     # Another team's task is indistinguishable from one that does not exist.
     if answer is None or answer.team != team.name or answer.model != model:
+        _model(request, gateway, info)  # a model no longer priced says so
         raise APIError(404, f"Task {task_id!r} not found", message="Task not found")
+    # Not checked against [pricing] first: a task submitted before a reload
+    # dropped its model is still the team's to read.
+    info.model = model
     info.task_id = task_id
     return web.Response(body=answer.body, content_type="application/json", charset="utf-8")
 

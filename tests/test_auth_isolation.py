@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import Client, SimulatorProcess, t2i, team
+from tests.test_budget import until
 
 ENDPOINTS = (
     ("POST", "/api/v1/generateTask/grok-image"),
@@ -122,6 +123,35 @@ async def test_task_ids_are_the_gateways_own_and_private_to_the_team(
     code, _ = await alpha.status(hit_id)
     assert code == 404
     assert (await sim.stats())["submits"] == 1
+
+
+async def test_a_task_stays_readable_after_a_reload_stops_serving_its_model(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    gw = gateways([team("alpha")], pricing={"grok-image": 0.1, "nano-banana": 0.05})
+    alpha = Client(http, gw.url, "key-alpha")
+    task_id = await alpha.submit_ok(t2i("a banana boat"), model="nano-banana")
+    await alpha.wait_final(task_id, model="nano-banana")
+
+    gw.config["pricing"] = {"grok-image": 0.1}
+    gw.write_config()
+    gw.hup()
+
+    async def reloaded() -> bool:
+        return (await alpha.submit(t2i("another banana"), model="nano-banana"))[0] == 404
+
+    await until(reloaded)
+
+    # Submitted (and paid for) before the reload: still the team's to read.
+    code, body = await alpha.status(task_id, model="nano-banana")
+    assert code == 200 and body["data"]["state"] == "success"
+    # Any other id under that model says the model is not served.
+    code, body = await alpha.status("gw_" + "0" * 24, model="nano-banana")
+    assert code == 404 and body["message"] == "Model not found"
+    assert "not served" in body["data"]["error"]
+    # Nor does the model's disappearance open the task to the wrong model.
+    code, body = await alpha.status(task_id)
+    assert code == 404 and body["message"] == "Task not found"
 
 
 async def test_status_needs_a_task_id(gateways: Any, http: aiohttp.ClientSession) -> None:

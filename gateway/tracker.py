@@ -56,8 +56,11 @@ def outcome_from_status(
     if state in ("success", "failed"):
         now_ms = completed_at(data, created_ms, now_ms)
     if state == "success":
+        raw = data.get("resultJson")
         try:
-            urls = json.loads(str(data.get("resultJson")))["resultUrls"]
+            if not isinstance(raw, str):
+                raise TypeError(f"resultJson is {type(raw).__name__}, not a string")
+            urls = json.loads(raw)["resultUrls"]
             if not isinstance(urls, list) or not urls:
                 raise ValueError("no resultUrls")
         except (ValueError, TypeError, KeyError) as exc:
@@ -65,9 +68,9 @@ def outcome_from_status(
                 "failed", now_ms, fail_code="InvalidUpstreamResult",
                 fail_msg=f"APIXO reported success without usable resultUrls ({exc})",
             )
-        return Outcome(
-            "success", now_ms, result_json=json.dumps({"resultUrls": urls}), images=len(urls)
-        )
+        # Upstream's own string, not one rebuilt from its URLs: other models
+        # may say more in it, and clients read it as APIXO wrote it.
+        return Outcome("success", now_ms, result_json=raw, images=len(urls))
     if state == "failed":
         return Outcome(
             "failed", now_ms,

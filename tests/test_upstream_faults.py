@@ -20,6 +20,7 @@ from aiohttp import web
 
 from gateway.errors import APIError
 from gateway.metrics import Metrics
+from gateway.tracker import outcome_from_status
 from gateway.upstream import Upstream
 from tests.conftest import Client, SimulatorProcess, t2i, team
 from tests.test_restart import wait_for_attempts
@@ -390,3 +391,31 @@ async def test_resumed_polls_are_spread_not_fired_at_once(
     steps = [b - a for a, b in itertools.pairwise(seen)]
     assert sum(steps) >= 26, steps  # (almost) every task polled once in the interval
     assert max(steps) <= 12, steps  # and no step carries most of them
+
+
+def test_a_success_keeps_upstreams_own_result_json() -> None:
+    # Other models may put more than resultUrls in it, spaced their own way.
+    raw = '{"resultUrls": ["https://cdn.example/a.png", "https://cdn.example/b.png"], ' \
+          '"seed": 42, "revisedPrompt": "a cat, watercolour"}'
+    outcome = outcome_from_status(
+        {"state": "success", "resultJson": raw, "completeTime": 1_500}, 2_000, created_ms=1_000
+    )
+    assert outcome is not None
+    assert (outcome.state, outcome.result_json, outcome.images) == ("success", raw, 2)
+    assert outcome.complete_ms == 1_500
+
+
+@pytest.mark.parametrize("result_json", [
+    None, {"resultUrls": ["https://cdn.example/a.png"]}, "not json", "[]", '{"resultUrls": []}',
+    '{"resultUrls": "https://cdn.example/a.png"}', '{"urls": ["https://cdn.example/a.png"]}',
+])
+def test_a_success_without_usable_result_urls_is_a_failure_that_says_so(
+    result_json: Any,
+) -> None:
+    outcome = outcome_from_status(
+        {"state": "success", "resultJson": result_json}, 2_000, created_ms=1_000
+    )
+    assert outcome is not None
+    assert outcome.state == "failed" and outcome.fail_code == "InvalidUpstreamResult"
+    assert outcome.images == 0 and outcome.result_json is None
+    assert "resultUrls" in (outcome.fail_msg or "")

@@ -10,10 +10,9 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.config import Config, ConfigError, load_config, reloaded, storage_problems
+from gateway.config import ConfigError, load_config, reloaded
 from gateway.dblock import DatabaseInUse
 from gateway.logs import setup_logging
 
@@ -24,12 +23,6 @@ log = logging.getLogger("gateway")
 
 DEFAULT_CONFIG = "config.toml"
 _CANNOT_LISTEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
-
-
-def _load(path: str, *, required: bool) -> Config:
-    if not Path(path).exists() and not required:
-        return Config(source="<defaults>")
-    return load_config(path)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -45,12 +38,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.appkeys import GATEWAY
 
-    explicit = args.config is not None
     path = args.config or DEFAULT_CONFIG
+    if args.config is None and not os.path.exists(path):
+        print(f"config error: ./{DEFAULT_CONFIG} not found; pass --config PATH "
+              "(config.toml in the apixo-gateway repository is a commented sample)",
+              file=sys.stderr)
+        return 2
     try:
-        config = _load(path, required=explicit)
-        if problems := storage_problems(config):
-            raise ConfigError(problems)
+        config = load_config(path, check_storage=True)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -72,7 +67,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("no [[teams]] configured: every request will get 401")
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    from_file = config.source != "<defaults>"
     app = create_app(config, upstream_key=key, mock_upstream=args.mock_upstream)
 
     async def on_startup(app: web.Application) -> None:
@@ -80,13 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         def reload() -> None:
             try:
-                # A gateway started from a file never falls back to the defaults:
-                # a file missing at reload time (being rewritten) is an error, not
-                # an empty team list.
-                if from_file or Path(path).exists():
-                    fresh = load_config(path)
-                else:
-                    fresh = Config(source="<defaults>")
+                fresh = load_config(path)
             except ConfigError as exc:
                 log.error("SIGHUP: config not reloaded, it has errors",
                           extra={"problems": exc.problems})
@@ -152,9 +140,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.config or DEFAULT_CONFIG
     try:
-        config = load_config(path)
-        if problems := storage_problems(config):
-            raise ConfigError(problems)
+        config = load_config(path, check_storage=True)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)

@@ -14,7 +14,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from gateway.money import Micros, usd_to_micros
+from gateway.money import MICROS_PER_USD, Micros, usd_to_micros
 
 BUDGET_PERIODS = ("total", "daily", "weekly", "monthly")
 CACHE_SCOPES = ("global", "team")
@@ -213,7 +213,15 @@ def _section(name: str, raw: Any, cls: type, problems: list[str]) -> Any:
     return cls(**values)
 
 
-def _price(path: str, value: Any, problems: list[str]) -> Micros | None:
+# Far above any real price or budget, far below where sums of micro-dollars
+# would overflow SQLite's 64-bit integers (every submit then failed with a 500).
+MAX_PRICE_USD = 10_000
+MAX_BUDGET_USD = 1_000_000_000
+
+
+def _price(
+    path: str, value: Any, problems: list[str], limit: int = MAX_PRICE_USD
+) -> Micros | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         problems.append(f"{path}: must be a number of USD, got {value!r}")
         return None
@@ -224,6 +232,9 @@ def _price(path: str, value: Any, problems: list[str]) -> Micros | None:
         return None
     if micros < 0:
         problems.append(f"{path}: must not be negative, got {value!r}")
+        return None
+    if micros > limit * MICROS_PER_USD:
+        problems.append(f"{path}: must be at most {limit:,} USD, got {value!r}")
         return None
     return micros
 
@@ -266,10 +277,12 @@ def _team(index: int, raw: Any, problems: list[str]) -> TeamConfig | None:
         if key not in _TEAM_KEYS:
             problems.append(f"{base}.{key}: unknown key")
     name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
+    if isinstance(name, str) and name.strip():
+        base = f"teams[{index}] ({name})"
+    else:
+        # The rest is still checked: check-config reports every problem at once.
         problems.append(f"{base}.name: required, a non-empty string")
-        return None
-    base = f"teams[{index}] ({name})"
+        name = None
     keys = raw.get("api_keys", [])
     hashes: list[bytes] = []
     plain = False
@@ -283,7 +296,7 @@ def _team(index: int, raw: Any, problems: list[str]) -> TeamConfig | None:
                 plain = plain or is_plain
     budget = None
     if "budget_usd" in raw:
-        budget = _price(f"{base}.budget_usd", raw["budget_usd"], problems)
+        budget = _price(f"{base}.budget_usd", raw["budget_usd"], problems, MAX_BUDGET_USD)
     period = raw.get("budget_period", "monthly")
     if period not in BUDGET_PERIODS:
         choices = ", ".join(repr(p) for p in BUDGET_PERIODS)
@@ -298,6 +311,8 @@ def _team(index: int, raw: Any, problems: list[str]) -> TeamConfig | None:
             problems.append(f"{base}.{key}: must be a positive integer, got {value!r}")
             value = None
         limits[key] = value
+    if name is None:
+        return None
     return TeamConfig(
         name=name,
         key_hashes=tuple(hashes),
@@ -309,7 +324,15 @@ def _team(index: int, raw: Any, problems: list[str]) -> TeamConfig | None:
     )
 
 
-def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
+def parse_config(
+    raw: dict[str, Any], source: str = "<memory>", *, check_storage: bool = False
+) -> Config:
+    """A validated Config, or a ConfigError listing every problem found.
+
+    check_storage also looks at the disk: whether the database can be created
+    where storage.path says (for serve and check-config, not for a reload,
+    which keeps the running database).
+    """
     problems: list[str] = []
     sections: dict[str, Any] = {}
     pricing: dict[str, Micros] = {"grok-image": 100_000}
@@ -347,21 +370,23 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
             if other is not None and other != team.name:
                 problems.append(f"teams: the same API key is used by {other!r} and {team.name!r}")
             seen_keys[digest] = team.name
+    if check_storage and not any(p.startswith("storage") for p in problems):
+        problems += storage_problems(sections.get("storage") or StorageConfig())
     if problems:
         raise ConfigError(problems)
     return Config(pricing=pricing, teams=tuple(teams), source=source, **sections)
 
 
-def storage_problems(config: Config) -> list[str]:
+def storage_problems(storage: StorageConfig) -> list[str]:
     """What the file's own checks cannot see: whether the database can be created
     where it says. Without this, serve died with a traceback from SQLite."""
-    directory = Path(config.storage.path).parent
+    directory = Path(storage.path).parent
     if not directory.is_dir():
         return [f"storage.path: the directory {str(directory)!r} does not exist"]
     return []
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, *, check_storage: bool = False) -> Config:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -373,7 +398,7 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    return parse_config(raw, source=str(path))
+    return parse_config(raw, source=str(path), check_storage=check_storage)
 
 
 # Read once at startup (the listening socket, the database file, the upstream

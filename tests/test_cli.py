@@ -233,6 +233,9 @@ def test_check_config_refuses_non_finite_numbers_and_a_missing_database_director
     lines = result.stdout.splitlines()
     assert any(ln.startswith("upstream.first_poll_seconds") and "finite" in ln for ln in lines)
     assert any(ln.startswith("upstream.poll_interval_seconds") and "finite" in ln for ln in lines)
+    # Reported with the others, not only once they are fixed.
+    assert any(ln.startswith("storage.path") and "does not exist" in ln for ln in lines)
+    assert "3 problem" in result.stderr
     # serve stops with one line per problem, not a traceback from SQLite.
     config.write_text(f"[storage]\npath = \"{tmp_path / 'no-such-dir' / 'gateway.db'}\"\n")
     result = run_cli("check-config", "--config", str(config))
@@ -244,3 +247,33 @@ def test_check_config_refuses_non_finite_numbers_and_a_missing_database_director
         f"config error: storage.path: the directory {str(tmp_path / 'no-such-dir')!r} "
         "does not exist"
     ]
+
+
+def test_check_config_reports_a_nameless_teams_other_problems_and_absurd_amounts(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "[pricing]\n\"grok-image\" = 1e15\n"
+        "[[teams]]\napi_keys = [\"plain:k\"]\nbudget_period = \"yearly\"\n"
+        "[[teams]]\nname = \"rich\"\napi_keys = [\"plain:r\"]\nbudget_usd = 1e13\n"
+    )
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "pricing.grok-image: must be at most 10,000 USD, got 1000000000000000.0",
+        "teams[0].name: required, a non-empty string",
+        "teams[0].budget_period: must be one of 'total', 'daily', 'weekly', 'monthly', "
+        "got 'yearly'",
+        "teams[1] (rich).budget_usd: must be at most 1,000,000,000 USD, got 10000000000000.0",
+    ]
+
+
+def test_serve_without_a_config_file_says_so_and_exits_2(tmp_path: Path) -> None:
+    result = run_cli("serve", "--mock-upstream", "--port", str(free_port()), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config error: ./config.toml not found; pass --config PATH (config.toml in the "
+        "apixo-gateway repository is a commented sample)"
+    ]
+    assert not (tmp_path / "gateway.db").exists()

@@ -32,8 +32,13 @@ CACHE_RESULTS = ("hit", "miss", "joined", "bypass")
 TASK_STATES = ("success", "failed")
 REJECTION_REASONS = ("unauthorized", "invalid", "budget", "concurrency", "rate_limit", "busy")
 UPSTREAM_OPERATIONS = ("submit", "status")
-# The codes an upstream outage shows up as; others are created at their first call.
-UPSTREAM_CODES = ("200", "error", "429", "500", "502", "503", "504")
+# The codes an upstream outage, a rejected key or an empty account show up as,
+# and those a proxy in front of APIXO may answer; others are created at their
+# first call.
+UPSTREAM_CODES = (
+    "200", "error", "400", "401", "402", "403", "404", "408", "422", "429",
+    "500", "502", "503", "504",
+)
 CALLBACK_OUTCOMES = ("delivered", "retried", "gave_up")
 
 

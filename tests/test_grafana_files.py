@@ -315,7 +315,10 @@ def test_budget_alerts(rules: list[promql.AlertRule]) -> None:
     ]
     by_threshold = {promql.split_threshold(r.expr)[1:]: r for r in budget}
     warning = by_threshold[(">=", 0.8)]
-    critical = by_threshold[(">=", 1.0)]
+    # Refused for budget, or all of it used: what is left may be above 0 yet
+    # below the price of an image.
+    critical = by_threshold[(">", 0.0)]
+    assert 'apixo_gateway_rejections_total{reason="budget"}' in critical.expr
     assert warning.labels["severity"] == "warning"
     assert critical.labels["severity"] == "critical"
     for rule in (warning, critical):
@@ -496,7 +499,7 @@ def test_promtool_alert_unit_tests(
     )
     name = {
         "warn": _one_rule(rules, "apixo_gateway_budget_usd", ">= 0.8").name,
-        "crit": _one_rule(rules, "apixo_gateway_budget_usd", ">= 1").name,
+        "crit": _one_rule(rules, "apixo_gateway_budget_usd", 'reason="budget"').name,
         "fail": _one_rule(rules, 'apixo_gateway_task_duration_seconds_count{state="failed"}').name,
         "upstream": _one_rule(rules, "apixo_gateway_upstream_requests_total").name,
         "down": _one_rule(rules, "up{").name,
@@ -507,6 +510,7 @@ def test_promtool_alert_unit_tests(
     finished = "apixo_gateway_task_duration_seconds_count"
     failures = "apixo_gateway_task_failures_total"
     upstream = "apixo_gateway_upstream_requests_total"
+    refused = "apixo_gateway_rejections_total"
 
     def expect(alert: str, at: str, *label_sets: dict[str, str]) -> dict:
         return {
@@ -521,8 +525,15 @@ def test_promtool_alert_unit_tests(
             # design: $10 budget, $0.50 spent per minute until exhausted at 20m.
             _series(budget, {"team": "design"}, "10x40"),
             _series(remaining, {"team": "design"}, "10-0.5x20 0x19"),
+            _series(refused, {**target, "team": "design", "reason": "budget"}, "0x40"),
             _series(budget, {"team": "ops"}, "100x40"),
             _series(remaining, {"team": "ops"}, "90x40"),
+            _series(refused, {**target, "team": "ops", "reason": "budget"}, "0x40"),
+            # odd: $0.35 budget, three images bought by 3m; $0.05 left is below a
+            # price, so it never reaches 100%, and from 12m its submits get 402.
+            _series(budget, {"team": "odd"}, "0.35x40"),
+            _series(remaining, {"team": "odd"}, "0.35 0.25 0.15 0.05x37"),
+            _series(refused, {**target, "team": "odd", "reason": "budget"}, "0x12 1+1x27"),
             # grok-image: 40% of tasks fail; gpt-image-2: 10%; nano-banana: none.
             _series(finished, {"model": "grok-image", "state": "success"}, "0+6x40"),
             _series(finished, {"model": "grok-image", "state": "failed"}, "0+4x40"),
@@ -556,12 +567,19 @@ def test_promtool_alert_unit_tests(
             {"series": f'up{{job="{JOB}", instance="gw:8080"}}', "values": "1x10 0x30"},
         ],
         "alert_rule_test": [
-            expect(name["warn"], "10m"),
+            expect(name["warn"], "2m"),
+            expect(name["warn"], "10m", {**target, "team": "odd", "severity": "warning"}),
             expect(name["crit"], "10m"),
-            expect(name["warn"], "18m", {**target, "team": "design", "severity": "warning"}),
-            expect(name["crit"], "18m"),
-            expect(name["warn"], "25m", {**target, "team": "design", "severity": "warning"}),
-            expect(name["crit"], "25m", {**target, "team": "design", "severity": "critical"}),
+            expect(name["warn"], "18m", *(
+                {**target, "team": t, "severity": "warning"} for t in ("design", "odd")
+            )),
+            expect(name["crit"], "18m", {**target, "team": "odd", "severity": "critical"}),
+            expect(name["warn"], "25m", *(
+                {**target, "team": t, "severity": "warning"} for t in ("design", "odd")
+            )),
+            expect(name["crit"], "25m", *(
+                {**target, "team": t, "severity": "critical"} for t in ("design", "odd")
+            )),
             expect(name["fail"], "3m"),
             expect(name["fail"], "30m", {"model": "grok-image", "severity": "warning"}),
             expect(name["upstream"], "3m"),
@@ -591,6 +609,7 @@ def test_promtool_alert_unit_tests(
         "input_series": [
             _series(budget, {"team": "design"}, "10x20"),
             _series(remaining, {"team": "design"}, "7x20"),
+            _series(refused, {**target, "team": "design", "reason": "budget"}, "0x20"),
             _series(finished, {"model": "grok-image", "state": "success"}, "0+5x20"),
             # Exported at 0 from the gateway's start (Metrics.prepare).
             _series(finished, {"model": "grok-image", "state": "failed"}, "0x20"),
@@ -599,7 +618,7 @@ def test_promtool_alert_unit_tests(
         ],
         "promql_expr_test": [
             samples(name["warn"], ({**target, "team": "design"}, 0.3)),
-            samples(name["crit"], ({**target, "team": "design"}, 0.3)),
+            samples(name["crit"], ({**target, "team": "design"}, 0.0)),
             samples(name["fail"], ({"model": "grok-image"}, 0.0)),
             samples(name["upstream"], ({"operation": "submit"}, 0.0)),
         ],
@@ -626,7 +645,8 @@ def test_failures_panel_counts_a_new_fail_codes_first_burst(
     promtool: str, tmp_path: Path
 ) -> None:
     """A failCode's series is born with its first failures already counted, which
-    increase() alone never shows; the panel's `unless ... offset` arm does."""
+    increase() alone never shows; the panel's `unless ... offset` arm does, for as long
+    as the window holds the birth."""
     (panel,) = [
         t for t in promql.dashboard_targets(ROOT)
         if "apixo_gateway_task_failures_total" in t.expr
@@ -647,6 +667,12 @@ def test_failures_panel_counts_a_new_fail_codes_first_burst(
         "promql_expr_test": [
             {"expr": expr, "eval_time": "5m", "exp_samples": [
                 # increase() alone has nothing for NewCode here: one sample.
+                {"labels": '{fail_code="NewCode"}', "value": 5},
+                {"labels": '{fail_code="Timeout"}', "value": 3},
+            ]},
+            # Still 5 while the window holds the birth: with two samples in it,
+            # increase() has a value (0), which must not hide the first burst.
+            {"expr": expr, "eval_time": "6m", "exp_samples": [
                 {"labels": '{fail_code="NewCode"}', "value": 5},
                 {"labels": '{fail_code="Timeout"}', "value": 3},
             ]},

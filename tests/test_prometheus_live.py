@@ -150,6 +150,9 @@ async def test_every_dashboard_and_alert_query_returns_data(
     prom: PrometheusProcess = prometheus_factory(f"127.0.0.1:{gw.port}")
     assert "SUCCESS" in run_promtool(promtool, "check", "config", prom.config)
     await prom.wait_ready(http)
+    # As in production, Prometheus has seen the series at 0 before the traffic:
+    # otherwise what came before its first scrape is invisible to increase().
+    await prom.wait_scrape_after(http, time.time())
 
     await drive_mixed_traffic(http, gw, sim)
     # Two scrapes after the traffic, so every series has two samples in a 1m window.
@@ -182,7 +185,10 @@ async def test_every_dashboard_and_alert_query_returns_data(
     assert set(loaded) == {rule.name for rule in promql.alert_rules(ROOT)}
     for name, rule in loaded.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
-    # tight's budget is smaller than one image and nothing was spent: no budget alert.
-    assert loaded["ApixoTeamBudgetExhausted"]["state"] == "inactive"
+    # tight's budget ($0.05) is smaller than one image: nothing was spent, but its
+    # submit got a 402, so it is out of budget in practice; no other team is.
+    exhausted = loaded["ApixoTeamBudgetExhausted"]
+    assert exhausted["state"] == "firing", exhausted
+    assert [a["labels"]["team"] for a in exhausted["alerts"]] == ["tight"]
     target = (await prom.get(http, "/api/v1/targets", state="active"))["activeTargets"]
     assert [(t["labels"]["job"], t["health"]) for t in target] == [(JOB, "up")]

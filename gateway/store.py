@@ -749,8 +749,6 @@ class Store:
         now_ms = outcome.complete_ms
         unannounced = outcome.fail_code in UNANNOUNCED
         async with self._transaction() as db:
-            if unannounced:
-                await db.execute("DELETE FROM idempotency WHERE task_id = ?", (task_id,))
             async with db.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)) as cur:
                 row = await cur.fetchone()
             if row is None or _task(row).is_final:
@@ -767,6 +765,10 @@ class Store:
             )
             if cursor.rowcount != 1:
                 return []
+            if unannounced:
+                # Only by the call that settles it: a task someone else settled
+                # first keeps the key its client was answered with.
+                await db.execute("DELETE FROM idempotency WHERE task_id = ?", (task_id,))
             if leader.reserved_micros:
                 await _ledger(db, leader, "release", leader.reserved_micros, 0, now_ms)
             # Every success has its charge row, $0 for a model priced at 0: the
@@ -820,11 +822,19 @@ class Store:
         # Durable before the client hears of the task: a task answered 200 must
         # still be tracked after a kill -9 a moment later.
         async with self._transaction() as db:
-            await db.execute(
+            cursor = await db.execute(
                 "UPDATE tasks SET upstream_id = ?, state = 'pending' "
                 "WHERE id = ? AND state = 'submitting'",
                 (upstream_id, task_id),
             )
+            if cursor.rowcount != 1:
+                # Settled under the submit (only another process on the file
+                # could, which dblock prevents): the client must not be given
+                # an id whose task will never be tracked.
+                raise RuntimeError(
+                    f"task {task_id} was settled while its submit was in flight "
+                    f"(upstream task {upstream_id})"
+                )
 
     async def mark_processing(self, task_id: str) -> None:
         async with self._transaction() as db:

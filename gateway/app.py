@@ -167,45 +167,44 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _serving(app: web.Application, store: Store) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
-    session = aiohttp.ClientSession(
+    async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max(100, config.upstream.max_concurrent * 2)),
         # Neither APIXO nor webhook receivers get cookies; filtering the jar on
         # every upstream call was pure cost.
         cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    upstream = Upstream(
-        session,
-        base_url=app[UPSTREAM_URL],
-        api_key=app[UPSTREAM_KEY],
-        timeout_seconds=config.upstream.request_timeout_seconds,
-        max_retries=config.upstream.max_retries,
-        metrics=metrics,
-    )
-    secret_env = config.callbacks.signing_secret_env
-    gateway_ref: list[Gateway] = []
+    ) as session:
+        upstream = Upstream(
+            session,
+            base_url=app[UPSTREAM_URL],
+            api_key=app[UPSTREAM_KEY],
+            timeout_seconds=config.upstream.request_timeout_seconds,
+            max_retries=config.upstream.max_retries,
+            metrics=metrics,
+        )
+        secret_env = config.callbacks.signing_secret_env
+        gateway_ref: list[Gateway] = []
 
-    async def load_task(task_id: str) -> TaskRecord | None:
-        return await gateway_ref[0].get_task(task_id)
+        async def load_task(task_id: str) -> TaskRecord | None:
+            return await gateway_ref[0].get_task(task_id)
 
-    callbacks = Callbacks(
-        store, session, config.callbacks, metrics, load_task,
-        os.environ.get(secret_env) or None,
-        backoff_base_seconds=config.callbacks.backoff_base_seconds,
-    )
-    gateway = Gateway(config, store, upstream, metrics, callbacks)
-    gateway_ref.append(gateway)
-    app[GATEWAY] = gateway
-    await gateway.resume()
-    await callbacks.start()
-    maintenance = asyncio.create_task(_maintenance(gateway), name="maintenance")
-    try:
-        yield
-    finally:
-        maintenance.cancel()
-        await asyncio.gather(maintenance, return_exceptions=True)
-        await callbacks.stop()
-        await gateway.stop()
-        await session.close()
+        callbacks = Callbacks(
+            store, session, config.callbacks, metrics, load_task,
+            os.environ.get(secret_env) or None,
+            backoff_base_seconds=config.callbacks.backoff_base_seconds,
+        )
+        gateway = Gateway(config, store, upstream, metrics, callbacks)
+        gateway_ref.append(gateway)
+        app[GATEWAY] = gateway
+        await gateway.resume()
+        await callbacks.start()
+        maintenance = asyncio.create_task(_maintenance(gateway), name="maintenance")
+        try:
+            yield
+        finally:
+            maintenance.cancel()
+            await asyncio.gather(maintenance, return_exceptions=True)
+            await callbacks.stop()
+            await gateway.stop()
 
 
 async def _maintenance(gateway: Gateway) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -419,3 +420,22 @@ def test_a_success_without_usable_result_urls_is_a_failure_that_says_so(
     assert outcome.state == "failed" and outcome.fail_code == "InvalidUpstreamResult"
     assert outcome.images == 0 and outcome.result_json is None
     assert "resultUrls" in (outcome.fail_msg or "")
+
+
+def test_what_upstream_says_is_always_storable_even_with_a_lone_surrogate() -> None:
+    # "\ud83d" in upstream's JSON decodes to a lone surrogate, which SQLite
+    # refuses: stored as given, the settle failed on every retry and the task,
+    # its reservation and its slot stayed stuck.
+    raw = '{"resultUrls": ["https://cdn.example/a.png"], "revisedPrompt": "a cat \ud83d"}'
+    outcome = outcome_from_status({"state": "success", "resultJson": raw}, 2_000, created_ms=1)
+    assert outcome is not None and outcome.state == "success"
+    assert outcome.result_json is not None
+    outcome.result_json.encode()  # no UnicodeEncodeError
+    assert json.loads(outcome.result_json) == json.loads(raw)
+
+    failed = outcome_from_status(
+        {"state": "failed", "failCode": "Odd\udc00", "failMsg": "broken \ud83d text"},
+        2_000, created_ms=1,
+    )
+    assert failed is not None
+    assert (failed.fail_code, failed.fail_msg) == ("Odd\\udc00", "broken \\ud83d text")

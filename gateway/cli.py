@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from gateway.config import ConfigError, load_config, reloaded
-from gateway.dblock import DatabaseInUse
+from gateway.dblock import DatabaseLockError
 from gateway.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -96,6 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # the process: out of the collector's sight, a full collection scans
         # only what requests created, and no longer pauses the loop for 40 ms.
         gc.freeze()
+
+    def listening(*_banner: object) -> None:
+        # In place of aiohttp's banner, which it prints once the port is bound:
+        # on_startup runs before that, and a busy port then logged "listening".
         log.info("apixo-gateway listening", extra={
             "url": f"http://{host}:{port}/api/v1", "config": config.source,
             "mock_upstream": args.mock_upstream, "teams": len(config.teams),
@@ -105,14 +109,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app.on_startup.append(on_ready)
     try:
         web.run_app(
-            app, host=host, port=port, access_log=None, print=None,
+            app, host=host, port=port, access_log=None, print=listening,
             shutdown_timeout=config.upstream.request_timeout_seconds + 5,
             # aiohttp's default, stated because the submit path relies on it: a
             # client hanging up must not cancel a submit between its reservation
             # and its upstream call.
             handler_cancellation=False,
         )
-    except DatabaseInUse as exc:
+    except DatabaseLockError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -231,7 +231,7 @@ class Gateway:
             if previous is None:
                 try:
                     return await self._submit(team, sub, opts)
-                except IdempotencyConflict as exc:  # another gateway process won
+                except IdempotencyConflict as exc:  # the UNIQUE key says who came first
                     previous = (exc.body_hash, exc.task_id)
             body_hash, task_id = previous
             if body_hash != opts.body_hash:
@@ -333,7 +333,10 @@ class Gateway:
     ) -> TaskRecord:
         # Built once with its final fields rather than copied with changes.
         body = {"request_type": "async", "input": sub.input, "provider": sub.provider}
-        price = self.config.pricing[sub.model]
+        price = self.config.pricing.get(sub.model)
+        if price is None:  # a reload stopped serving it while this request waited
+            raise APIError(404, f"Model {sub.model!r} is no longer served by this gateway",
+                           message="Model not found", reason="invalid")
         return TaskRecord(
             id=new_task_id(), team=team.name, model=sub.model, identity=identity,
             state=state, cache=cache, leader_id=leader_id, upstream_id=None,
@@ -423,7 +426,12 @@ class Gateway:
             # The client gets an error, not this task's id (see store.UNANNOUNCED).
             forget = opts.idempotency_key is not None
             try:
-                await asyncio.shield(self.finish(task.id, refused))
+                settled = await asyncio.shield(self.finish(task.id, refused))
+                if not settled:
+                    # Settled first by a writer outside this process (see
+                    # Store.mark_submitted): _finished() never ran for it here.
+                    self.limits.release(team.name)
+                    self._show_in_flight(team.name)
             except Exception:
                 # A failed write (disk full) must not leave the reservation and
                 # the lease held until a restart, nor hide the client's error.

@@ -14,7 +14,11 @@ import fcntl
 import os
 
 
-class DatabaseInUse(RuntimeError):
+class DatabaseLockError(RuntimeError):
+    """The database's lock cannot be taken: serve stops with this message."""
+
+
+class DatabaseInUse(DatabaseLockError):
     pass
 
 
@@ -24,7 +28,14 @@ class DatabaseLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            # Told apart from a busy port: a lock file left by another user
+            # (a run as root) is the likely cause, and says so.
+            raise DatabaseLockError(
+                f"cannot open the database's lock file {self.path}: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

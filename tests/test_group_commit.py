@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gateway.store import BudgetExceeded, IdempotencyConflict, Store, TaskRecord
+from gateway.store import BudgetExceeded, IdempotencyConflict, Outcome, Store, TaskRecord
 from gateway.tasks import now_ms
 
 PRICE = 100_000
@@ -274,3 +274,30 @@ async def test_hits_of_a_group_sqlite_rolled_back_between_changes_are_not_writte
     assert committed(path, "SELECT id FROM tasks WHERE id = 'h1'") == []
     assert committed(path, "SELECT task_id FROM ledger WHERE task_id = 'h1'") == []
     assert await told("h2") == "committed"  # and the store goes on
+
+
+async def test_a_settle_that_loses_the_race_leaves_the_idempotency_key_alone(
+    store: Store, tmp_path: Path
+) -> None:
+    await reserve(store, "t1", key="key-1")
+    await store.mark_submitted("t1", "up-1")
+    won = await store.finish("t1", Outcome("success", now_ms(), result_json='{"resultUrls":["u"]}',
+                                           images=1), cache_key=None, cache_ttl_ms=0)
+    assert [t.id for t in won] == ["t1"]
+    # An unannounced failure arriving second changes nothing, the key included:
+    # its client was answered with t1, and a retry must replay t1.
+    lost = await store.finish("t1", Outcome("failed", now_ms(), fail_code="GatewayRestart",
+                                            fail_msg="late"), cache_key=None, cache_ttl_ms=0)
+    assert lost == []
+    assert await store.idempotency_get("alpha", "key-1", 0) == ("body-hash", "t1")
+    assert committed(tmp_path / "gateway.db", "SELECT state FROM tasks") == [("success",)]
+
+
+async def test_a_task_settled_under_its_submit_is_not_marked_submitted(store: Store) -> None:
+    await reserve(store, "t1")
+    await store.finish("t1", Outcome("failed", now_ms(), fail_code="GatewayRestart",
+                                     fail_msg="x"), cache_key=None, cache_ttl_ms=0)
+    with pytest.raises(RuntimeError, match="settled while its submit was in flight"):
+        await store.mark_submitted("t1", "up-1")
+    task = await store.get_task("t1")
+    assert task is not None and task.state == "failed" and task.upstream_id is None

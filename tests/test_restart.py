@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -317,6 +318,7 @@ def serve_again(gw: GatewayProcess, workdir: Path, **sections: dict[str, Any]) -
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
+    assert "apixo-gateway listening" not in result.stderr  # logged only once bound
     return [line for line in result.stderr.splitlines() if not line.startswith("{")]
 
 
@@ -356,3 +358,43 @@ async def test_a_busy_port_is_one_line_and_exit_2(gateways: Any, tmp_path: Path)
         serve_again, gw, other, storage={"path": str(other / "gateway.db")}
     )
     assert lines == [f"error: cannot listen on 127.0.0.1:{gw.port}: Address already in use"]
+
+
+async def test_an_unusable_lock_file_is_named_not_taken_for_a_busy_port(
+    gateways: Any, tmp_path: Path
+) -> None:
+    gw = gateways()
+    other = tmp_path / "other"
+    other.mkdir()
+    db = other / "gateway.db"
+    # Root ignores file modes; a directory in the lock file's place fails alike.
+    os.mkdir(f"{db}.lock")
+    lines = await asyncio.to_thread(
+        serve_again, gw, other, server={"port": free_port()}, storage={"path": str(db)}
+    )
+    assert lines == [f"error: cannot open the database's lock file {db}.lock: Is a directory"]
+
+
+async def test_a_submit_settled_under_it_by_a_foreign_writer_frees_its_slot(
+    gateways: Any, http: aiohttp.ClientSession, sim: SimulatorProcess
+) -> None:
+    gw = gateways(teams=[team("alpha", budget_usd=BUDGET, max_concurrent=1)])
+    client = Client(http, gw.url, "key-alpha")
+    await sim.faults(submit_errors=[503], retry_after_seconds=1)
+    caught = asyncio.create_task(client.submit(t2i("a kite over dunes")))
+    await wait_for_attempts(sim, 1)
+
+    def settle_from_outside() -> None:
+        # What the database lock keeps other gateways from doing; a script or
+        # an operator with sqlite3 can still do it.
+        with sqlite3.connect(gw.db, timeout=5) as conn:
+            conn.execute("UPDATE tasks SET state = 'failed', fail_code = 'GatewayRestart' "
+                         "WHERE state = 'submitting'")
+
+    await asyncio.to_thread(settle_from_outside)
+    code, body, _ = await caught
+    # No task id for a task the gateway can no longer track...
+    assert code == 500, body
+    # ...and the team's one slot is free again.
+    code, body, _ = await client.submit(t2i("a second kite"))
+    assert code == 200, body

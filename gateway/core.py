@@ -137,6 +137,9 @@ class Gateway:
         for gone in {t.name for t in previous.teams} - {t.name for t in config.teams}:
             self._show_in_flight(gone)
         self.metrics.prepare((team.name for team in config.teams), config.pricing)
+        self.metrics.price.clear()
+        for model, micros in config.pricing.items():
+            self.metrics.price.labels(model).set(micros_to_usd(micros))
         self.cache.set_ttl(config.cache.ttl_seconds * 1000)
 
     def _show_in_flight(self, team: str) -> None:

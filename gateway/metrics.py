@@ -174,6 +174,10 @@ class Metrics:
         self.team_max_concurrent = Gauge(
             "apixo_gateway_team_max_concurrent", "Team max_concurrent limit", ["team"], registry=r,
         )
+        # The alerts compare a team's remaining budget with the cheapest image.
+        self.price = Gauge(
+            "apixo_gateway_price_usd", "[pricing]: USD per image", ["model"], registry=r,
+        )
         self.upstream_max_concurrent = Gauge(
             "apixo_gateway_upstream_max_concurrent", "upstream.max_concurrent", registry=r,
         )

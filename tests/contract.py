@@ -34,8 +34,10 @@ SPEC_LABEL_VALUES: dict[str, frozenset[str]] = {
     "outcome": frozenset({"delivered", "retried", "gave_up"}),
 }
 
-# Not in the SPEC table: the two gauges the gateway adds for "in-flight vs limits" (SPEC 5).
+# Not in the SPEC table: the two gauges the gateway adds for "in-flight vs limits" (SPEC 5),
+# and the prices, which the out-of-budget alert compares the remaining budget with.
 EXTRA_GAUGES: dict[str, tuple[str, frozenset[str]]] = {
     "apixo_gateway_team_max_concurrent": ("gauge", frozenset({"team"})),
     "apixo_gateway_upstream_max_concurrent": ("gauge", frozenset()),
+    "apixo_gateway_price_usd": ("gauge", frozenset({"model"})),
 }

@@ -142,6 +142,12 @@ async def test_a_task_stays_readable_after_a_reload_stops_serving_its_model(
 
     await until(reloaded)
 
+    # The prices the out-of-budget alert compares with follow the reload too.
+    async with http.get(gw.url + "/metrics") as r:
+        prices = [ln for ln in (await r.text()).splitlines()
+                  if ln.startswith("apixo_gateway_price_usd{")]
+    assert prices == ['apixo_gateway_price_usd{model="grok-image"} 0.1']
+
     # Submitted (and paid for) before the reload: still the team's to read.
     code, body = await alpha.status(task_id, model="nano-banana")
     assert code == 200 and body["data"]["state"] == "success"

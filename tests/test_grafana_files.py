@@ -311,14 +311,13 @@ def test_budget_alerts(rules: list[promql.AlertRule]) -> None:
     budget = [
         r
         for r in rules
-        if {"apixo_gateway_budget_usd", "apixo_gateway_budget_remaining_usd"} <= metrics_in(r.expr)
+        if "apixo_gateway_budget_remaining_usd" in metrics_in(r.expr)
     ]
     by_threshold = {promql.split_threshold(r.expr)[1:]: r for r in budget}
     warning = by_threshold[(">=", 0.8)]
-    # Refused for budget, or all of it used: what is left may be above 0 yet
-    # below the price of an image.
-    critical = by_threshold[(">", 0.0)]
-    assert 'apixo_gateway_rejections_total{reason="budget"}' in critical.expr
+    # Less left than the cheapest image: above 0, maybe, yet every submit gets 402.
+    critical = by_threshold[("<", 0.0)]
+    assert "apixo_gateway_price_usd" in critical.expr
     assert warning.labels["severity"] == "warning"
     assert critical.labels["severity"] == "critical"
     for rule in (warning, critical):
@@ -499,7 +498,7 @@ def test_promtool_alert_unit_tests(
     )
     name = {
         "warn": _one_rule(rules, "apixo_gateway_budget_usd", ">= 0.8").name,
-        "crit": _one_rule(rules, "apixo_gateway_budget_usd", 'reason="budget"').name,
+        "crit": _one_rule(rules, "apixo_gateway_budget_remaining_usd", "price_usd").name,
         "fail": _one_rule(rules, 'apixo_gateway_task_duration_seconds_count{state="failed"}').name,
         "upstream": _one_rule(rules, "apixo_gateway_upstream_requests_total").name,
         "down": _one_rule(rules, "up{").name,
@@ -510,7 +509,7 @@ def test_promtool_alert_unit_tests(
     finished = "apixo_gateway_task_duration_seconds_count"
     failures = "apixo_gateway_task_failures_total"
     upstream = "apixo_gateway_upstream_requests_total"
-    refused = "apixo_gateway_rejections_total"
+    price = "apixo_gateway_price_usd"
 
     def expect(alert: str, at: str, *label_sets: dict[str, str]) -> dict:
         return {
@@ -525,15 +524,17 @@ def test_promtool_alert_unit_tests(
             # design: $10 budget, $0.50 spent per minute until exhausted at 20m.
             _series(budget, {"team": "design"}, "10x40"),
             _series(remaining, {"team": "design"}, "10-0.5x20 0x19"),
-            _series(refused, {**target, "team": "design", "reason": "budget"}, "0x40"),
             _series(budget, {"team": "ops"}, "100x40"),
             _series(remaining, {"team": "ops"}, "90x40"),
-            _series(refused, {**target, "team": "ops", "reason": "budget"}, "0x40"),
-            # odd: $0.35 budget, three images bought by 3m; $0.05 left is below a
-            # price, so it never reaches 100%, and from 12m its submits get 402.
-            _series(budget, {"team": "odd"}, "0.35x40"),
-            _series(remaining, {"team": "odd"}, "0.35 0.25 0.15 0.05x37"),
-            _series(refused, {**target, "team": "odd", "reason": "budget"}, "0x12 1+1x27"),
+            # The cheapest image is $0.04.
+            _series(price, {"model": "grok-image"}, "0.1x40"),
+            _series(price, {"model": "nano-banana"}, "0.04x40"),
+            _series(price, {"model": "free-model"}, "0x40"),
+            # odd: $0.35, three $0.10 images bought by 3m. $0.05 left still buys a
+            # $0.04 image; from 13m $0.03 buys none, though it is not 100% used;
+            # at 30m a reload raises the budget to $10 and it ends at once.
+            _series(budget, {"team": "odd"}, "0.35x29 10x10"),
+            _series(remaining, {"team": "odd"}, "0.35 0.25 0.15 0.05x9 0.03x16 9.73x10"),
             # grok-image: 40% of tasks fail; gpt-image-2: 10%; nano-banana: none.
             _series(finished, {"model": "grok-image", "state": "success"}, "0+6x40"),
             _series(finished, {"model": "grok-image", "state": "failed"}, "0+4x40"),
@@ -580,6 +581,8 @@ def test_promtool_alert_unit_tests(
             expect(name["crit"], "25m", *(
                 {**target, "team": t, "severity": "critical"} for t in ("design", "odd")
             )),
+            expect(name["warn"], "35m", {**target, "team": "design", "severity": "warning"}),
+            expect(name["crit"], "35m", {**target, "team": "design", "severity": "critical"}),
             expect(name["fail"], "3m"),
             expect(name["fail"], "30m", {"model": "grok-image", "severity": "warning"}),
             expect(name["upstream"], "3m"),
@@ -609,7 +612,7 @@ def test_promtool_alert_unit_tests(
         "input_series": [
             _series(budget, {"team": "design"}, "10x20"),
             _series(remaining, {"team": "design"}, "7x20"),
-            _series(refused, {**target, "team": "design", "reason": "budget"}, "0x20"),
+            _series(price, {"model": "grok-image"}, "0.5x20"),
             _series(finished, {"model": "grok-image", "state": "success"}, "0+5x20"),
             # Exported at 0 from the gateway's start (Metrics.prepare).
             _series(finished, {"model": "grok-image", "state": "failed"}, "0x20"),
@@ -618,7 +621,7 @@ def test_promtool_alert_unit_tests(
         ],
         "promql_expr_test": [
             samples(name["warn"], ({**target, "team": "design"}, 0.3)),
-            samples(name["crit"], ({**target, "team": "design"}, 0.0)),
+            samples(name["crit"], ({**target, "team": "design"}, 6.5)),
             samples(name["fail"], ({"model": "grok-image"}, 0.0)),
             samples(name["upstream"], ({"operation": "submit"}, 0.0)),
         ],

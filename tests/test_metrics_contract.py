@@ -209,6 +209,7 @@ async def test_every_spec_metric_has_its_type_and_labels(
     assert value(text, "apixo_gateway_tasks_in_flight", team="alpha") == 2
     assert value(text, "apixo_gateway_tasks_in_flight", team="solo") == 1
     assert value(text, "apixo_gateway_budget_usd", team="tight") == 0.05
+    assert value(text, "apixo_gateway_price_usd", model="grok-image") == 0.1
 
     # Every metric the dashboards and alerts query is one the gateway exports.
     exported = {name for name, _, _ in samples(text)}

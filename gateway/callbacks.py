@@ -51,8 +51,11 @@ CONCURRENCY = 16
 # and never answers holds its slots for a whole attempt timeout, and without a
 # cap it held all of them, so every other team's webhooks waited behind it.
 PER_HOST = 4
-# Due rows read per scan: enough to find other hosts' rows behind a slow one's.
+# Due rows read per scan, and of those at most this many per receiver: enough
+# to refill a receiver's slots as its attempts end, while a receiver with
+# thousands of rows due leaves room in the read for everyone else's.
 SCAN_ROWS = 1000
+SCAN_ROWS_PER_RECEIVER = 2 * PER_HOST
 # Rows another process may have written are noticed at least this often.
 IDLE_POLL_SECONDS = 15.0
 # After an unexpected error (e.g. the database is unavailable), before trying again.
@@ -326,7 +329,7 @@ class Callbacks:
             per_host[host] = per_host.get(host, 0) + 1
         if free > 0:
             self._ended.clear()
-            for item in await self._store.outbox_due(now, SCAN_ROWS):
+            for item in await self._store.outbox_due(now, SCAN_ROWS, SCAN_ROWS_PER_RECEIVER):
                 if free == 0:
                     break
                 if item.id in self._inflight or item.id in self._ended:
@@ -344,7 +347,9 @@ class Callbacks:
             return IDLE_POLL_SECONDS  # a finishing delivery wakes the loop
         # The earliest row that could be sent now decides the next wake-up; rows
         # of hosts at their cap wait for one of their attempts to end, which wakes it.
-        upcoming = await self._store.outbox_due(_FAR_FUTURE_MS, SCAN_ROWS)
+        upcoming = await self._store.outbox_due(
+            _FAR_FUTURE_MS, SCAN_ROWS, SCAN_ROWS_PER_RECEIVER
+        )
         due = [
             i.next_attempt_ms for i in upcoming
             if i.id not in self._inflight and per_host.get(_host(i.url), 0) < PER_HOST

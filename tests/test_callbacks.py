@@ -739,3 +739,32 @@ async def test_a_receiver_that_never_answers_does_not_hold_up_the_others(
         assert receiver.hits[0].headers["X-Gateway-Task-Id"] == "gw_healthy"
     finally:
         server.close()
+
+
+async def test_more_rows_for_a_stuck_receiver_than_one_read_holds_do_not_hide_the_others(
+    store: Store, receiver: Receiver, worker_factory: WorkerFactory
+) -> None:
+    # More rows due for one receiver that never answers than the worker reads
+    # at a time, all due before the healthy one: a plain "earliest first" read
+    # never reached it while the stuck rows stayed pending.
+    from gateway.callbacks import SCAN_ROWS
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        worker = await worker_factory(attempt_timeout_seconds=20)
+        await asyncio.gather(*(
+            final_task(store, f"gw_stuck_{i}", f"http://127.0.0.1:{port}/hook?i={i}")
+            for i in range(SCAN_ROWS + 50)
+        ))
+        await final_task(store, "gw_healthy", receiver.url())
+        started = time.monotonic()
+        worker.callbacks.wake()
+        await receiver.wait_hits(1, within=5)
+        assert time.monotonic() - started < 3
+        assert receiver.hits[0].headers["X-Gateway-Task-Id"] == "gw_healthy"
+    finally:
+        server.close()

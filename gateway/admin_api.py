@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from datetime import date
 from typing import Any
 
 from aiohttp import web
 
 from gateway.appkeys import GATEWAY
+from gateway.budget import ALL_TIME
 from gateway.errors import APIError
 from gateway.money import micros_to_usd
 from gateway.store import TaskRecord
@@ -35,11 +37,17 @@ def _authorize(request: web.Request) -> None:
                        message="Invalid or missing admin token")
 
 
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
 def _day(request: web.Request, name: str) -> str | None:
     value = request.query.get(name)
     if not value:
         return None
     try:
+        # fromisoformat alone also takes 20261125 and 2026-W48-3.
+        if not _DAY.fullmatch(value):
+            raise ValueError(value)
         return date.fromisoformat(value).isoformat()
     except ValueError:
         raise APIError(400, f"{name} must be a date YYYY-MM-DD, got {value!r}") from None
@@ -48,12 +56,13 @@ def _day(request: web.Request, name: str) -> str | None:
 async def teams(request: web.Request) -> web.Response:
     _authorize(request)
     gateway = request.app[GATEWAY]
-    counts = await gateway.store.team_counts()
     rows = []
     for team in gateway.config.teams:
         view = await gateway.budgets.view(team)
-        saved = await gateway.store.saved_since(team.name, "0000-01-01")
-        images, hits = counts.get(team.name, (0, 0))
+        # The same period as spent_usd, so images x price adds up to it.
+        images, hits, saved = await gateway.store.team_period(
+            team.name, view.period_start or ALL_TIME
+        )
         rows.append({
             "name": team.name,
             "budget_usd": team.budget_usd,
@@ -94,10 +103,13 @@ async def usage(request: web.Request) -> web.Response:
     by = request.query.get("by")
     if by not in (None, "", "day", "team"):
         raise APIError(400, f"by must be 'day' or 'team', got {by!r}")
+    since, until = _day(request, "since"), _day(request, "until")
+    if since is not None and until is not None and since > until:
+        raise APIError(400, f"since ({since}) is after until ({until})")
     rows = await gateway.store.usage_report(
         team=request.query.get("team") or None,
-        since_day=_day(request, "since"),
-        until_day=_day(request, "until"),
+        since_day=since,
+        until_day=until,
         by_day=by == "day",
     )
     return web.json_response({"rows": [usage_row(r) for r in rows]})
@@ -132,10 +144,8 @@ async def tasks(request: web.Request) -> web.Response:
     if state is not None and state not in TASK_STATES:
         raise APIError(400, f"state must be one of {', '.join(TASK_STATES)}, got {state!r}")
     raw_limit = request.query.get("limit", "100")
-    try:
-        limit = int(raw_limit)
-    except ValueError:
-        limit = 0
+    # Digits only: int() also takes "+5", " 5 " and "1_0".
+    limit = int(raw_limit) if raw_limit.isascii() and raw_limit.isdigit() else 0
     if not 1 <= limit <= MAX_TASKS:
         raise APIError(400, f"limit must be an integer from 1 to {MAX_TASKS}, got {raw_limit!r}")
     rows = await gateway.store.recent_tasks(

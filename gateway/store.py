@@ -940,13 +940,14 @@ class Store:
         )
         async with self._r.execute(sql, args) as cur:
             rows = await cur.fetchall()
-        # An UNANNOUNCED failure reserved and was released, but it is neither an
+        # Failures are the failed tasks a client was told about, a joined one
+        # included (its team saw it fail, as the failure metric counts it). An
+        # UNANNOUNCED failure reserved and was released, but it is neither an
         # upstream task nor a failed one.
         fail_sql = (
             f"SELECT team, {'budget_day' if by_day else 'NULL'}, "
             f"SUM(fail_code NOT IN ({_UNANNOUNCED_SQL})), "
-            f"SUM(fail_code IN ({_UNANNOUNCED_SQL})) FROM tasks "
-            "WHERE state = 'failed' AND leader_id IS NULL AND cache IN ('miss', 'bypass')"
+            f"SUM(fail_code IN ({_UNANNOUNCED_SQL})) FROM tasks WHERE state = 'failed'"
             + "".join(
                 f" AND {c.replace('day', 'budget_day')}" for c in where
             )
@@ -954,8 +955,8 @@ class Store:
         )
         async with self._r.execute(fail_sql, args) as cur:
             failures = {(t, d): (int(n or 0), int(u or 0)) for t, d, n, u in await cur.fetchall()}
-        return [
-            {
+        report = {
+            (t, d): {
                 "team": t,
                 "day": d,
                 "spent_micros": int(spent or 0),
@@ -963,28 +964,32 @@ class Store:
                 "saved_micros": int(saved or 0),
                 "cache_hits": int(hits or 0),
                 "reserved_micros": int(reserved or 0),
-                "upstream_tasks": int(upstream or 0) - unannounced,
-                "failures": failed,
+                "upstream_tasks": int(upstream or 0),
+                "failures": 0,
             }
             for t, d, spent, images, saved, hits, reserved, upstream in rows
-            for failed, unannounced in [failures.get((t, d), (0, 0))]
-        ]
+        }
+        for (t, d), (failed, unannounced) in failures.items():
+            # A team (or day) whose only tasks were failed joins has no ledger rows.
+            row = report.setdefault((t, d), {
+                "team": t, "day": d, "spent_micros": 0, "images": 0, "saved_micros": 0,
+                "cache_hits": 0, "reserved_micros": 0, "upstream_tasks": 0, "failures": 0,
+            })
+            row["failures"] = failed
+            row["upstream_tasks"] -= unannounced
+        return [report[key] for key in sorted(report, key=lambda k: (k[0], k[1] or ""))]
 
-    async def team_counts(self) -> dict[str, tuple[int, int]]:
-        """(images, cache_hits) per team over all time."""
+    async def team_period(self, team: str, since_day: str) -> tuple[int, int, Micros]:
+        """(images, cache hits and successful joins, saved) of a team since a day."""
         async with self._r.execute(
-            "SELECT team, SUM(CASE kind WHEN 'charge' THEN images ELSE 0 END), "
-            "SUM(kind = 'saving') FROM ledger GROUP BY team"
-        ) as cur:
-            return {str(t): (int(i or 0), int(h or 0)) for t, i, h in await cur.fetchall()}
-
-    async def saved_since(self, team: str, since_day: str) -> Micros:
-        async with self._r.execute(
-            "SELECT COALESCE(SUM(saved_micros), 0) FROM usage_daily WHERE team = ? AND day >= ?",
+            "SELECT COALESCE(SUM(CASE kind WHEN 'charge' THEN images ELSE 0 END), 0), "
+            "COALESCE(SUM(kind = 'saving'), 0), "
+            "COALESCE(SUM(CASE kind WHEN 'saving' THEN amount_micros ELSE 0 END), 0) "
+            "FROM ledger WHERE team = ? AND day >= ?",
             (team, since_day),
         ) as cur:
             row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
 
     # -- cache ------------------------------------------------------------
 

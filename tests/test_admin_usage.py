@@ -165,9 +165,12 @@ async def test_admin_usage_rows_filters_and_history(
     assert {r["team"]: r["spent_usd"] for r in body["rows"]} == {"alpha": 0.2, "beta": 0.1}
     code, body = await _admin(http, gw.url, "/admin/usage", until=old.isoformat(), by="day")
     assert [(r["team"], r["day"]) for r in body["rows"]] == [("alpha", old.isoformat())]
-    for bad in ({"since": "yesterday"}, {"until": "2024-13-01"}, {"by": "week"}):
+    for bad in ({"since": "yesterday"}, {"until": "2024-13-01"}, {"by": "week"},
+                {"since": "20261125"}, {"since": "2026-W48-3"},
+                {"since": "2026-11-26", "until": "2026-11-01"}):
         code, body = await _admin(http, gw.url, "/admin/usage", **bad)
         assert code == 400 and body["code"] == 400, bad
+        assert any(name in body["data"]["error"] for name in bad), body
 
 
 async def test_admin_tasks_newest_first_with_filters(
@@ -200,7 +203,8 @@ async def test_admin_tasks_newest_first_with_filters(
     assert [(t["taskId"], t["state"]) for t in body["tasks"]] == [
         (ids["alpha_running"], "pending")
     ]
-    for bad in ({"state": "done"}, {"limit": "0"}, {"limit": "many"}, {"limit": "100000"}):
+    for bad in ({"state": "done"}, {"limit": "0"}, {"limit": "many"}, {"limit": "100000"},
+                {"limit": "+5"}, {"limit": " 5 "}, {"limit": "1_0"}):
         code, body = await _admin(http, gw.url, "/admin/tasks", **bad)
         assert code == 400, bad
 
@@ -370,3 +374,43 @@ async def test_a_model_priced_at_zero_still_counts_images_and_hits(
     assert (row["images"], row["cache_hits"], row["spent_usd"]) == (1, 1, 0)
     samples = await metric_samples(http, gw.url)
     assert samples["apixo_gateway_images_total", "model=grok-image,team=alpha"] == 1
+
+
+async def test_admin_teams_counts_images_hits_and_savings_over_the_budget_period(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    gw = gateways(teams=[team("alpha", budget_usd=5.0, budget_period="daily")])
+    assert gw.terminate() == 0
+    insert_settled_task(gw.db, "alpha", utc_today() - timedelta(days=2), images=3)
+    gw.start()
+    client = Client(http, gw.url, "key-alpha")
+    await client.wait_final(await client.submit_ok(t2i("today's picture")))
+    assert (await client.submit(t2i("today's picture")))[2]["X-Gateway-Cache"] == "hit"
+    row = await admin_team(http, gw.url, "alpha")
+    # All of it today's, like spent_usd: images x price is what was spent.
+    assert (row["spent_usd"], row["images"], row["cache_hits"], row["saved_usd"]) == (
+        0.1, 1, 1, 0.1
+    )
+
+
+async def test_a_failed_join_is_a_failure_of_its_own_team(
+    gateways: Any, http: aiohttp.ClientSession
+) -> None:
+    gw = gateways(teams=[team("alpha"), team("beta")])
+    alpha, beta = Client(http, gw.url, "key-alpha"), Client(http, gw.url, "key-beta")
+    body = t2i("doomed [latency:1] [fail:Timeout]")
+    leader = await alpha.submit_ok(body)
+    code, reply, headers = await beta.submit(body)
+    assert code == 200 and headers["X-Gateway-Cache"] == "joined"
+    follower = reply["data"]["taskId"]
+    assert (await beta.wait_final(follower))["state"] == "failed"
+    await alpha.wait_final(leader)
+    code, report = await _admin(http, gw.url, "/admin/usage")
+    rows = {r["team"]: r for r in report["rows"]}
+    # beta has no ledger rows at all (a join reserves nothing), yet it saw a failure.
+    assert rows["beta"]["failures"] == 1 and rows["beta"]["upstream_tasks"] == 0
+    assert rows["alpha"]["failures"] == 1 and rows["alpha"]["upstream_tasks"] == 1
+    samples = await metric_samples(http, gw.url)
+    assert samples[
+        "apixo_gateway_task_failures_total", "fail_code=Timeout,model=grok-image,team=beta"
+    ] == 1

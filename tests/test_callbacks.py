@@ -768,3 +768,36 @@ async def test_more_rows_for_a_stuck_receiver_than_one_read_holds_do_not_hide_th
         assert receiver.hits[0].headers["X-Gateway-Task-Id"] == "gw_healthy"
     finally:
         server.close()
+
+
+async def test_one_stuck_receiver_under_many_names_does_not_hold_up_the_others(
+    store: Store, receiver: Receiver, worker_factory: WorkerFactory, db_path: str
+) -> None:
+    # The per-receiver cap on names alone let these five spellings of one
+    # silent address take all sixteen slots for a whole attempt timeout.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    names = ["127.0.0.1", "localhost", "127.1", "2130706433", "0x7f000001"]
+    try:
+        worker = await worker_factory(attempt_timeout_seconds=20)
+        for i in range(40):
+            await final_task(store, f"gw_alias_{i}", f"http://{names[i % 5]}:{port}/hook")
+        await final_task(store, "gw_healthy", receiver.url())
+        started = time.monotonic()
+        worker.callbacks.wake()
+        await receiver.wait_hits(1, within=5)
+        assert time.monotonic() - started < 3
+        assert receiver.hits[0].headers["X-Gateway-Task-Id"] == "gw_healthy"
+        # Those held back were not attempted, and no attempt was spent on them.
+        with sqlite3.connect(db_path) as conn:
+            held = conn.execute(
+                "SELECT state, attempts, COUNT(*) FROM outbox "
+                "WHERE last_error LIKE 'not attempted: 4 attempts already in flight to "
+                "127.0.0.1:%' GROUP BY state, attempts"
+            ).fetchall()
+        assert len(held) == 1 and held[0][:2] == ("pending", 0) and held[0][2] >= 1, held
+    finally:
+        server.close()

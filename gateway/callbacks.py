@@ -51,16 +51,8 @@ CONCURRENCY = 16
 # and never answers holds its slots for a whole attempt timeout, and without a
 # cap it held all of them, so every other team's webhooks waited behind it.
 PER_HOST = 4
-# The same cap per resolved address and port, checked once the name is
-# resolved: one receiver under many names (localhost, 127.1, 2130706433, a
-# wildcard DNS name) otherwise took every slot. An attempt over it is not made
-# and not counted; the row is tried again after this long.
-BUSY_RETRY_SECONDS = 1.0
-# Due rows read per scan, and of those at most this many per receiver: enough
-# to refill a receiver's slots as its attempts end, while a receiver with
-# thousands of rows due leaves room in the read for everyone else's.
+# Due rows read per scan: enough to find other hosts' rows behind a slow one's.
 SCAN_ROWS = 1000
-SCAN_ROWS_PER_RECEIVER = 2 * PER_HOST
 # Rows another process may have written are noticed at least this often.
 IDLE_POLL_SECONDS = 15.0
 # After an unexpected error (e.g. the database is unavailable), before trying again.
@@ -241,10 +233,6 @@ def _host(url: str) -> str:
         return url
 
 
-class _ReceiverBusy(Exception):
-    """The resolved receiver has PER_HOST attempts in flight already."""
-
-
 class Callbacks:
     """The outbox worker: one loop, at most `concurrency` deliveries at a time."""
 
@@ -278,7 +266,6 @@ class Callbacks:
         self._runner: asyncio.Task[None] | None = None
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._inflight_hosts: dict[int, str] = {}
-        self._per_address: dict[str, int] = {}
         # Rows whose attempt ended while the loop was reading the outbox: that
         # read may predate the attempt's record, so they must not be sent again.
         self._ended: set[int] = set()
@@ -339,7 +326,7 @@ class Callbacks:
             per_host[host] = per_host.get(host, 0) + 1
         if free > 0:
             self._ended.clear()
-            for item in await self._store.outbox_due(now, SCAN_ROWS, SCAN_ROWS_PER_RECEIVER):
+            for item in await self._store.outbox_due(now, SCAN_ROWS):
                 if free == 0:
                     break
                 if item.id in self._inflight or item.id in self._ended:
@@ -357,9 +344,7 @@ class Callbacks:
             return IDLE_POLL_SECONDS  # a finishing delivery wakes the loop
         # The earliest row that could be sent now decides the next wake-up; rows
         # of hosts at their cap wait for one of their attempts to end, which wakes it.
-        upcoming = await self._store.outbox_due(
-            _FAR_FUTURE_MS, SCAN_ROWS, SCAN_ROWS_PER_RECEIVER
-        )
+        upcoming = await self._store.outbox_due(_FAR_FUTURE_MS, SCAN_ROWS)
         due = [
             i.next_attempt_ms for i in upcoming
             if i.id not in self._inflight and per_host.get(_host(i.url), 0) < PER_HOST
@@ -396,15 +381,7 @@ class Callbacks:
             body = json.dumps(
                 status_envelope(task), separators=(",", ":"), ensure_ascii=False
             ).encode()
-            try:
-                status, error = await self._attempt(item.url, task.id, body, attempt)
-            except _ReceiverBusy as busy:
-                await self._store.outbox_record(
-                    item.id, state="pending", attempts=item.attempts,
-                    next_attempt_ms=now_ms() + int(BUSY_RETRY_SECONDS * 1000),
-                    error=str(busy), now_ms=now_ms(),
-                )
-                return
+            status, error = await self._attempt(item.url, task.id, body, attempt)
         await self._record(item, attempt, status, error)
 
     async def _attempt(
@@ -426,20 +403,6 @@ class Callbacks:
 
     async def _post(self, url: str, task_id: str, body: bytes, attempt: int) -> int:
         target = await _resolve(url, self._config)
-        receiver = f"{target.addresses[0]}:{target.url.port}"
-        if self._per_address.get(receiver, 0) >= PER_HOST:
-            raise _ReceiverBusy(
-                f"not attempted: {PER_HOST} attempts already in flight to {receiver}"
-            )
-        self._per_address[receiver] = self._per_address.get(receiver, 0) + 1
-        try:
-            return await self._post_to(target, task_id, body, attempt)
-        finally:
-            self._per_address[receiver] -= 1
-            if not self._per_address[receiver]:
-                del self._per_address[receiver]
-
-    async def _post_to(self, target: _Target, task_id: str, body: bytes, attempt: int) -> int:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,

@@ -1066,24 +1066,11 @@ class Store:
 
     # -- callbacks outbox -------------------------------------------------
 
-    async def outbox_due(
-        self, now_ms: int, limit: int, per_receiver: int
-    ) -> list[OutboxItem]:
-        """Pending rows due by now_ms, earliest first, at most per_receiver per receiver.
-
-        A receiver is the URL up to its path (scheme, host, port). Without the
-        per-receiver bound, a thousand rows for one receiver that never answers
-        filled every read, and rows for anyone else behind them were never seen.
-        """
+    async def outbox_due(self, now_ms: int, limit: int) -> list[OutboxItem]:
         async with self._r.execute(
-            "SELECT id, task_id, url, attempts, next_attempt_ms FROM ("
-            "  SELECT *, ROW_NUMBER() OVER ("
-            "    PARTITION BY lower(substr(url, 1, instr(substr(url, instr(url, '://') + 3)"
-            "      || '/', '/') + instr(url, '://') + 1))"
-            "    ORDER BY next_attempt_ms, id) AS nth"
-            "  FROM outbox WHERE state = 'pending' AND next_attempt_ms <= ?"
-            ") WHERE nth <= ? ORDER BY next_attempt_ms, id LIMIT ?",
-            (now_ms, per_receiver, limit),
+            "SELECT id, task_id, url, attempts, next_attempt_ms FROM outbox "
+            "WHERE state = 'pending' AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?",
+            (now_ms, limit),
         ) as cur:
             return [OutboxItem(*r) for r in await cur.fetchall()]
 

@@ -254,9 +254,23 @@ def _task(row: Sequence[Any]) -> TaskRecord:
     return TaskRecord(*row)
 
 
+def storable(text: str | None) -> str | None:
+    """Text SQLite can store. A lone surrogate (what a \\ud83d escape in
+    upstream's JSON decodes to) is refused, and a settle that kept failing on
+    one held the task, its reservation and its slot forever; it is written as
+    that same escape, which inside a JSON string means the same thing."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="backslashreplace").decode()
+    return text
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """How an upstream task ended."""
+    """How an upstream task ended; its text, whatever upstream sent, is storable."""
 
     state: str
     complete_ms: int
@@ -264,6 +278,10 @@ class Outcome:
     images: int = 0
     fail_code: str | None = None
     fail_msg: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("result_json", "fail_code", "fail_msg"):
+            object.__setattr__(self, name, storable(getattr(self, name)))
 
 
 class CacheEntry(NamedTuple):  # a NamedTuple for the reasons TaskRecord is one

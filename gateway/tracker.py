@@ -60,46 +60,24 @@ def outcome_from_status(
         try:
             if not isinstance(raw, str):
                 raise TypeError(f"resultJson is {type(raw).__name__}, not a string")
-            parsed = json.loads(raw)
-            urls = parsed["resultUrls"]
+            urls = json.loads(raw)["resultUrls"]
             if not isinstance(urls, list) or not urls:
                 raise ValueError("no resultUrls")
         except (ValueError, TypeError, KeyError) as exc:
             return Outcome(
                 "failed", now_ms, fail_code="InvalidUpstreamResult",
-                fail_msg=_storable(
-                    f"APIXO reported success without usable resultUrls ({exc})"
-                ),
+                fail_msg=f"APIXO reported success without usable resultUrls ({exc})",
             )
         # Upstream's own string, not one rebuilt from its URLs: other models
-        # may say more in it, and clients read it as APIXO wrote it. Unless it
-        # holds a lone surrogate (a \ud83d escape decodes to one), which SQLite
-        # cannot store: then the same JSON, with that character escaped.
-        if not _storable_as_is(raw):
-            raw = json.dumps(parsed)
+        # may say more in it, and clients read it as APIXO wrote it.
         return Outcome("success", now_ms, result_json=raw, images=len(urls))
     if state == "failed":
         return Outcome(
             "failed", now_ms,
-            fail_code=_storable(str(data.get("failCode") or "Unknown error")),
-            fail_msg=_storable(str(data.get("failMsg") or "APIXO reported the task as failed")),
+            fail_code=str(data.get("failCode") or "Unknown error"),
+            fail_msg=str(data.get("failMsg") or "APIXO reported the task as failed"),
         )
     return None
-
-
-def _storable_as_is(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _storable(text: str) -> str:
-    """Text SQLite can store: a lone surrogate would fail the settle on every retry."""
-    if _storable_as_is(text):
-        return text
-    return text.encode(errors="backslashreplace").decode()
 
 
 class Tracker:

@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,7 +24,7 @@ from gateway.errors import APIError
 from gateway.metrics import Metrics
 from gateway.tracker import outcome_from_status
 from gateway.upstream import Upstream
-from tests.conftest import Client, SimulatorProcess, t2i, team
+from tests.conftest import Client, GatewayProcess, SimulatorProcess, t2i, team
 from tests.test_restart import wait_for_attempts
 
 BUDGET = 1.0
@@ -439,3 +440,36 @@ def test_what_upstream_says_is_always_storable_even_with_a_lone_surrogate() -> N
     )
     assert failed is not None
     assert (failed.fail_code, failed.fail_msg) == ("Odd\\udc00", "broken \\ud83d text")
+
+
+async def test_an_upstream_refusal_quoting_a_lone_surrogate_is_refunded(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    # Upstream quotes the prompt back; its "\ud83d" decodes to a lone surrogate,
+    # which SQLite refused: the refund failed on every retry, holding the
+    # reservation and the slot until a restart.
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"code": 400, "message": "Invalid request", "data": {"error": "bad prompt \ud83d"}},
+            status=400,
+        )
+
+    app = web.Application()
+    app.router.add_post("/api/v1/generateTask/{model}", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    gw = GatewayProcess(tmp_path, f"http://127.0.0.1:{port}/api/v1",
+                        [team("alpha", budget_usd=BUDGET, max_concurrent=1)])
+    try:
+        await asyncio.to_thread(gw.start)
+        alpha = Client(http, gw.url, "key-alpha")
+        code, body, _ = await alpha.submit(t2i("bad prompt"))
+        assert code == 400, body
+        await assert_nothing_held(alpha)
+        assert not [line for line in gw.log_lines() if "settling" in line.get("msg", "")]
+    finally:
+        gw.stop()
+        await runner.cleanup()

@@ -5,14 +5,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import re
-from datetime import date
 from typing import Any
 
 from aiohttp import web
 
 from gateway.appkeys import GATEWAY
-from gateway.budget import ALL_TIME
+from gateway.budget import ALL_TIME, parse_day
 from gateway.errors import APIError
 from gateway.money import micros_to_usd
 from gateway.store import TaskRecord
@@ -37,18 +35,12 @@ def _authorize(request: web.Request) -> None:
                        message="Invalid or missing admin token")
 
 
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-
 def _day(request: web.Request, name: str) -> str | None:
     value = request.query.get(name)
     if not value:
         return None
     try:
-        # fromisoformat alone also takes 20261125 and 2026-W48-3.
-        if not _DAY.fullmatch(value):
-            raise ValueError(value)
-        return date.fromisoformat(value).isoformat()
+        return parse_day(value)
     except ValueError:
         raise APIError(400, f"{name} must be a date YYYY-MM-DD, got {value!r}") from None
 

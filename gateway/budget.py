@@ -11,6 +11,7 @@ was submitted, and a period's figure is the sum of its days.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -37,6 +38,17 @@ def utc_day_of_ms(epoch_ms: int) -> str:
 def _day_iso(day_number: int) -> str:
     # Every submit asks; building a datetime for it each time was a visible cost.
     return (date(1970, 1, 1) + timedelta(days=day_number)).isoformat()
+
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def parse_day(value: str) -> str:
+    """A UTC day as YYYY-MM-DD, or ValueError; fromisoformat alone also takes
+    20261125 and 2026-W48-3, which the reports' filters do not mean to."""
+    if not _DAY.fullmatch(value):
+        raise ValueError(f"not a date YYYY-MM-DD: {value!r}")
+    return date.fromisoformat(value).isoformat()
 
 
 def period_start(period: str, today: date) -> date | None:

@@ -10,13 +10,13 @@ import json
 import secrets
 import sqlite3
 import sys
-from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiosqlite
 
+from gateway.budget import parse_day
 from gateway.config import ConfigError, load_config
 from gateway.money import MICROS_PER_USD, Micros, micros_to_usd
 from gateway.store import Store
@@ -49,7 +49,7 @@ class _ReadOnlyStore(Store):
 
 def _day(value: str) -> str:
     try:
-        return date.fromisoformat(value).isoformat()
+        return parse_day(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {value!r}") from None
 

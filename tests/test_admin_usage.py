@@ -292,8 +292,9 @@ def test_usage_command_errors(
     code, err = run()
     assert code == 1 and "no database at missing.db" in err
     assert not (tmp_path / "missing.db").exists()  # a report never creates a database
-    code, err = run("--since", "last week")
-    assert code == 2 and "YYYY-MM-DD" in err
+    for bad in ("last week", "20250201", "2025-W05-3"):
+        code, err = run("--since", bad)
+        assert code == 2 and "YYYY-MM-DD" in err, bad
     code, err = run("--since", "2025-02-01", "--until", "2025-01-01")
     assert code == 2 and "after --until" in err
     code, err = run("--format", "xml")

@@ -190,5 +190,8 @@ async def test_every_dashboard_and_alert_query_returns_data(
     exhausted = loaded["ApixoTeamBudgetExhausted"]
     assert exhausted["state"] == "firing", exhausted
     assert [a["labels"]["team"] for a in exhausted["alerts"]] == ["tight"]
+    # Its description's lookups render, scoped to the alert's own gateway.
+    described = " ".join(exhausted["alerts"][0]["annotations"]["description"].split())
+    assert "$0.05 left of $0.05, less than the cheapest priced image ($0.10)" in described
     target = (await prom.get(http, "/api/v1/targets", state="active"))["activeTargets"]
     assert [(t["labels"]["job"], t["health"]) for t in target] == [(JOB, "up")]

@@ -44,12 +44,12 @@ async def assert_nothing_held(client: Client) -> None:
     assert row["in_flight"] == 0, row
 
 
+Generate = Callable[[web.Request], Awaitable[web.Response]]
+
+
 @asynccontextmanager
-async def fake_upstream(
-    generate: Callable[[web.Request], Awaitable[web.Response]], *, api_key: str = "k",
-    max_retries: int = 2,
-) -> AsyncIterator[Upstream]:
-    """The gateway's APIXO client pointed at a one-route aiohttp app on loopback."""
+async def fake_apixo(generate: Generate) -> AsyncIterator[str]:
+    """A one-route aiohttp app on loopback standing in for APIXO; yields its base URL."""
     app = web.Application()
     app.router.add_post("/api/v1/generateTask/{model}", generate)
     runner = web.AppRunner(app)
@@ -58,13 +58,21 @@ async def fake_upstream(
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        async with aiohttp.ClientSession() as session:
-            yield Upstream(
-                session, base_url=f"http://127.0.0.1:{port}/api/v1", api_key=api_key,
-                timeout_seconds=2, max_retries=max_retries, metrics=Metrics(),
-            )
+        yield f"http://127.0.0.1:{port}/api/v1"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def fake_upstream(
+    generate: Generate, *, api_key: str = "k", max_retries: int = 2,
+) -> AsyncIterator[Upstream]:
+    """The gateway's APIXO client pointed at fake_apixo(generate)."""
+    async with fake_apixo(generate) as base_url, aiohttp.ClientSession() as session:
+        yield Upstream(
+            session, base_url=base_url, api_key=api_key,
+            timeout_seconds=2, max_retries=max_retries, metrics=Metrics(),
+        )
 
 
 async def test_submit_is_retried_on_429_503_and_dropped_connection(
@@ -454,22 +462,15 @@ async def test_an_upstream_refusal_quoting_a_lone_surrogate_is_refunded(
             status=400,
         )
 
-    app = web.Application()
-    app.router.add_post("/api/v1/generateTask/{model}", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    gw = GatewayProcess(tmp_path, f"http://127.0.0.1:{port}/api/v1",
-                        [team("alpha", budget_usd=BUDGET, max_concurrent=1)])
-    try:
-        await asyncio.to_thread(gw.start)
-        alpha = Client(http, gw.url, "key-alpha")
-        code, body, _ = await alpha.submit(t2i("bad prompt"))
-        assert code == 400, body
-        await assert_nothing_held(alpha)
-        assert not [line for line in gw.log_lines() if "settling" in line.get("msg", "")]
-    finally:
-        gw.stop()
-        await runner.cleanup()
+    async with fake_apixo(refuse) as base_url:
+        gw = GatewayProcess(tmp_path, base_url,
+                            [team("alpha", budget_usd=BUDGET, max_concurrent=1)])
+        try:
+            await asyncio.to_thread(gw.start)
+            alpha = Client(http, gw.url, "key-alpha")
+            code, body, _ = await alpha.submit(t2i("bad prompt"))
+            assert code == 400, body
+            await assert_nothing_held(alpha)
+            assert not [line for line in gw.log_lines() if "settling" in line.get("msg", "")]
+        finally:
+            gw.stop()

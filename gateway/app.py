@@ -11,7 +11,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import aiohttp
 from aiohttp import web
@@ -167,20 +167,22 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _serving(app: web.Application, store: Store) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max(100, config.upstream.max_concurrent * 2)),
-        # Neither APIXO nor webhook receivers get cookies; filtering the jar on
-        # every upstream call was pure cost.
-        cookie_jar=aiohttp.DummyCookieJar(),
-    ) as session:
-        upstream = Upstream(
-            session,
-            base_url=app[UPSTREAM_URL],
-            api_key=app[UPSTREAM_KEY],
-            timeout_seconds=config.upstream.request_timeout_seconds,
-            max_retries=config.upstream.max_retries,
-            metrics=metrics,
-        )
+    upstream = Upstream(
+        base_url=app[UPSTREAM_URL],
+        api_key=app[UPSTREAM_KEY],
+        timeout_seconds=config.upstream.request_timeout_seconds,
+        max_retries=config.upstream.max_retries,
+        metrics=metrics,
+        connection_limit=max(100, config.upstream.max_concurrent * 2),
+    )
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(upstream.close)
+        # Webhook deliveries: receivers are many hosts, unlike APIXO's one.
+        session = await stack.enter_async_context(aiohttp.ClientSession(
+            # Webhook receivers get no cookies; filtering the jar on every
+            # delivery was pure cost.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        ))
         secret_env = config.callbacks.signing_secret_env
         gateway_ref: list[Gateway] = []
 

@@ -14,6 +14,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from yarl import URL
+
 from gateway.money import MICROS_PER_USD, Micros, usd_to_micros
 
 BUDGET_PERIODS = ("total", "daily", "weekly", "monthly")
@@ -171,6 +173,20 @@ def _type_name(default: Any) -> str:
     return "a string"
 
 
+
+def _base_url_problem(base_url: str) -> str | None:
+    if not base_url.startswith(("http://", "https://")):
+        return "must start with http:// or https://"
+    try:
+        url = URL(base_url)
+    except ValueError as exc:  # a port past 65535, no host
+        return f"{exc}: {base_url!r}"
+    if not url.raw_host:
+        return f"has no host: {base_url!r}"
+    if url.query_string or url.fragment:
+        return f"must have no query or fragment: {base_url!r}"
+    return None
+
 def _section(name: str, raw: Any, cls: type, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"{name}: must be a table")
@@ -206,8 +222,9 @@ def _section(name: str, raw: Any, cls: type, problems: list[str]) -> Any:
             continue
         values[key] = value
     if name == "upstream" and "base_url" in values:
-        if not str(values["base_url"]).startswith(("http://", "https://")):
-            problems.append("upstream.base_url: must start with http:// or https://")
+        url_problem = _base_url_problem(str(values["base_url"]))
+        if url_problem:
+            problems.append(f"upstream.base_url: {url_problem}")
     if name == "server" and "port" in values and values["port"] > 65535:
         problems.append("server.port: must be at most 65535")
     return cls(**values)

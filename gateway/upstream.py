@@ -9,12 +9,11 @@ import math
 import random
 import time
 from typing import Any
+from urllib.parse import quote
 
-import aiohttp
-from yarl import URL
-
-from gateway import jsonio
+from gateway import __version__, jsonio
 from gateway.errors import APIError
+from gateway.http1 import Answer, Client, TransportError
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.upstream")
@@ -22,9 +21,6 @@ log = logging.getLogger("gateway.upstream")
 BACKOFF_BASE_SECONDS = 0.25
 BACKOFF_CAP_SECONDS = 8.0
 RETRY_AFTER_CAP_SECONDS = 30.0
-# One URL per model and operation; the bound only guards against a caller that
-# builds paths from unchecked input.
-MAX_CACHED_URLS = 256
 
 
 class TransientUpstreamError(Exception):
@@ -44,8 +40,8 @@ class UnreadableAnswer(TransientUpstreamError):
         self.status = status
 
 
-def _retry_after(headers: Any) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
+def _retry_after(headers: dict[str, str]) -> float | None:
+    value = headers.get("retry-after")
     if value is None:
         return None
     try:
@@ -67,88 +63,80 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
 class Upstream:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         *,
         base_url: str,
         api_key: str,
         timeout_seconds: float,
         max_retries: int,
         metrics: Metrics,
+        connection_limit: int = 100,
     ) -> None:
-        self._session = session
-        self._base = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {api_key}"}
-        self._json_headers = {**self._headers, "Content-Type": "application/json"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        """ValueError for a base_url that is no http(s) URL or a key no header can carry."""
+        if not api_key.isprintable() or not api_key.isascii():
+            raise ValueError("the upstream API key has characters an HTTP header cannot carry")
+        self._client = Client(
+            base_url, limit=connection_limit, user_agent=f"apixo-gateway/{__version__}"
+        )
+        self._key = api_key
+        self._headers = f"Authorization: Bearer {api_key}\r\n"
+        self._json_headers = self._headers + "Content-Type: application/json\r\n"
         self._timeout_seconds = timeout_seconds
         self._max_retries = max_retries
         self._metrics = metrics
         self._rng = random.Random()
-        self._urls: dict[str, URL] = {}
 
-    def _url(self, path: str) -> URL:
-        # Parsed once per path: aiohttp parses a str URL on every call, a
-        # visible share of an upstream call's client-side cost.
-        url = self._urls.get(path)
-        if url is None:
-            if len(self._urls) >= MAX_CACHED_URLS:
-                self._urls.clear()
-            try:
-                url = URL(self._base + path)
-            except ValueError as exc:  # a malformed base_url: what aiohttp raises for it
-                raise aiohttp.InvalidURL(self._base + path) from exc
-            self._urls[path] = url
-        return url
+    async def close(self) -> None:
+        await self._client.close()
 
     async def _call(
-        self, operation: str, method: str, path: str, body: bytes | None = None,
-        params: dict[str, str] | None = None,
+        self, operation: str, method: str, target: str, body: bytes | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """One HTTP call with an already encoded JSON body; transient failures raise
         TransientUpstreamError."""
         started = time.perf_counter()
         code = "error"
         try:
-            async with self._session.request(
-                method, self._url(path), data=body, params=params,
-                headers=self._headers if body is None else self._json_headers,
-                timeout=self._timeout,
-            ) as resp:
-                code = str(resp.status)
-                # Bytes, not text(): json.loads reads UTF-8 itself, and text() first
-                # guesses the charset, a visible share of a submit's client side.
-                raw = await resp.read()
-                if resp.status == 429 or resp.status >= 500:
-                    raise TransientUpstreamError(
-                        f"APIXO answered HTTP {resp.status}: "
-                        f"{self._redact(raw[:200].decode('utf-8', 'replace'))}",
-                        _retry_after(resp.headers),
+            try:
+                async with asyncio.timeout(self._timeout_seconds):
+                    answer = await self._client.request(
+                        method, target, body=body,
+                        headers=self._headers if body is None else self._json_headers,
                     )
-                try:
-                    payload = jsonio.loads(raw, strict=False)
-                except ValueError:
-                    payload = None
-                if not isinstance(payload, dict):
-                    raise UnreadableAnswer(
-                        f"APIXO answered HTTP {resp.status} with a body that is not a JSON "
-                        "object", resp.status,
-                    )
-                return resp.status, payload
-        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError, LookupError) as exc:
-            raise TransientUpstreamError(
-                f"cannot reach APIXO: {type(exc).__name__}: {exc}"
-            ) from exc
+            except (TimeoutError, TransportError) as exc:
+                raise TransientUpstreamError(
+                    f"cannot reach APIXO: {type(exc).__name__}: {exc}"
+                ) from exc
+            code = str(answer.status)
+            return answer.status, self._payload(answer)
         finally:
             self._metrics.upstream_requests.labels(operation, code).inc()
             self._metrics.upstream_duration.labels(operation).observe(
                 time.perf_counter() - started
             )
 
+    def _payload(self, answer: Answer) -> dict[str, Any]:
+        if answer.status == 429 or answer.status >= 500:
+            raise TransientUpstreamError(
+                f"APIXO answered HTTP {answer.status}: "
+                f"{self._redact(answer.body[:200].decode('utf-8', 'replace'))}",
+                _retry_after(answer.headers),
+            )
+        try:
+            payload = jsonio.loads(answer.body, strict=False)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise UnreadableAnswer(
+                f"APIXO answered HTTP {answer.status} with a body that is not a JSON object",
+                answer.status,
+            )
+        return payload
+
     async def submit(self, model: str, body: dict[str, Any] | str) -> str:
         """Create an upstream task and return its id, or raise an APIError for the client.
 
         body may be the JSON text already: the gateway stores it that way, and
-        decoding it only for aiohttp to encode it again cost a visible share of a submit.
+        decoding it only to encode it again cost a visible share of a submit.
         """
         encoded = (body if isinstance(body, str) else json.dumps(body)).encode()
         last = "no attempt made"
@@ -157,7 +145,7 @@ class Upstream:
         for attempt in range(self._max_retries + 1):
             try:
                 status, payload = await self._call(
-                    "submit", "POST", f"/generateTask/{model}", encoded
+                    "submit", "POST", f"/generateTask/{quote(model, safe='')}", encoded
                 )
             except UnreadableAnswer as exc:
                 if 200 <= exc.status < 300:
@@ -211,13 +199,14 @@ class Upstream:
             raise
 
     def _redact(self, text: str) -> str:
-        key = self._headers["Authorization"].removeprefix("Bearer ")
+        key = self._key
         return text.replace(key, "[upstream key]") if len(key) >= 4 else text
 
     async def status(self, model: str, upstream_id: str) -> dict[str, Any]:
         """The upstream task's data; TransientUpstreamError means "ask again later"."""
         status, payload = await self._call(
-            "status", "GET", f"/statusTask/{model}", params={"taskId": upstream_id}
+            "status", "GET",
+            f"/statusTask/{quote(model, safe='')}?taskId={quote(upstream_id, safe='')}",
         )
         data = payload.get("data")
         if status != 200 or not isinstance(data, dict):

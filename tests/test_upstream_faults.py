@@ -10,6 +10,8 @@ import asyncio
 import itertools
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -68,11 +70,15 @@ async def fake_upstream(
     generate: Generate, *, api_key: str = "k", max_retries: int = 2,
 ) -> AsyncIterator[Upstream]:
     """The gateway's APIXO client pointed at fake_apixo(generate)."""
-    async with fake_apixo(generate) as base_url, aiohttp.ClientSession() as session:
-        yield Upstream(
-            session, base_url=base_url, api_key=api_key,
+    async with fake_apixo(generate) as base_url:
+        upstream = Upstream(
+            base_url=base_url, api_key=api_key,
             timeout_seconds=2, max_retries=max_retries, metrics=Metrics(),
         )
+        try:
+            yield upstream
+        finally:
+            await upstream.close()
 
 
 async def test_submit_is_retried_on_429_503_and_dropped_connection(
@@ -270,20 +276,20 @@ async def test_upstream_that_never_answers_times_out_into_502(
         await assert_nothing_held(alpha)
 
 
-async def test_a_malformed_upstream_url_is_an_upstream_error_not_a_crash() -> None:
-    """A base URL that parses as no URL at all (port 99999) fails each call as a 502."""
-    async with aiohttp.ClientSession() as session:
-        upstream = Upstream(
-            session, base_url="http://127.0.0.1:99999/api/v1", api_key="k",
-            timeout_seconds=1, max_retries=0, metrics=Metrics(),
-        )
-        try:
-            await upstream.submit("grok-image", "{}")
-        except APIError as exc:
-            assert exc.code == 502
-            assert "InvalidURL" in exc.error
-        else:
-            raise AssertionError("a malformed URL was called")
+def test_a_malformed_upstream_url_is_refused_before_serving(tmp_path: Path) -> None:
+    """A base URL that parses as no URL at all (port 99999) is a config problem named
+    by check-config, and the client refuses it rather than failing every call."""
+    with pytest.raises(ValueError, match="Port out of range"):
+        Upstream(base_url="http://127.0.0.1:99999/api/v1", api_key="k",
+                 timeout_seconds=1, max_retries=0, metrics=Metrics())
+    config = tmp_path / "config.toml"
+    config.write_text('[upstream]\nbase_url = "http://127.0.0.1:99999/api/v1"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    assert "upstream.base_url: Port out of range" in result.stdout, result.stdout
 
 
 async def test_an_upstream_answer_with_nan_in_a_field_is_still_read() -> None:

@@ -83,6 +83,7 @@ class _Connection(asyncio.Protocol):
             self._fail(TransportError(f"malformed HTTP answer: {exc}"))
 
     def eof_received(self) -> bool:
+        self.closed = True  # no request may be sent on it from now on
         return False  # close; connection_lost() decides what the answer was
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -238,6 +239,7 @@ class Client:
             conn = self._idle.pop()  # the most recent: the likeliest still open
             if not conn.closed:
                 return conn
+            conn.close()
         return None
 
     async def _connect(self) -> _Connection:

@@ -360,9 +360,9 @@ class Bench:
     def submit_miss(self) -> list[dict[str, Any]]:
         """Cache-miss submits through the gateway vs the same submits straight to the simulator.
 
-        A pass-through aiohttp proxy runs alongside as a second baseline: the
-        part of the added latency that aiohttp's server and client cost by
-        themselves, before any gateway code.
+        A pass-through proxy on the gateway's HTTP stack (aiohttp's server, the
+        gateway's upstream client) runs alongside as a second baseline: the part
+        of the added latency those two cost by themselves, before any gateway code.
 
         A fresh simulator and gateway for each number of clients: with the first
         poll an hour away every submit stays in flight, and tens of thousands of
@@ -687,11 +687,11 @@ def tables(result: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            "The floor: a pass-through aiohttp proxy (`passthrough.py`: read the body, "
-            "forward it with the gateway's client settings, answer what the simulator "
-            "said; nothing else), paced and measured in the same rounds. Its added "
-            "latency is what aiohttp's server and client cost by themselves; the gateway's "
-            "own work is the rest.",
+            "The floor: a pass-through proxy on the gateway's HTTP stack (`passthrough.py`: "
+            "aiohttp's server reads the body, the gateway's upstream client `gateway/http1.py` "
+            "forwards it, the simulator's answer goes back; nothing else), paced and measured "
+            "in the same rounds. Its added latency is what those two HTTP layers cost by "
+            "themselves; the gateway's own work is the rest.",
             "",
             "| clients | pass-through req/s | pass-through added p50 / p99 ms "
             "| gateway added p50 / p99 ms | gateway beyond pass-through p50 / p99 ms "

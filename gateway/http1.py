@@ -32,7 +32,16 @@ IDLE_SECONDS = 15.0
 
 
 class TransportError(Exception):
-    """No whole, readable HTTP answer: refused, reset, cut short or malformed."""
+    """No whole, readable HTTP answer: refused, reset, cut short or malformed.
+
+    status is the answer's status code when its head arrived before the
+    failure: the server had the request and acted on it (a submit it
+    answered 200 must not be sent again).
+    """
+
+    def __init__(self, detail: str, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +60,9 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Answer] | None = None
         self._headers: dict[str, str] = {}
-        self._body: list[bytes] = []
+        # One bytearray, not a list of chunks: an answer of a million one-byte
+        # chunks would otherwise hold a million objects.
+        self._body = bytearray()
         self.received = 0
         self._headers_done = False
         self._keep_alive = False
@@ -73,14 +84,16 @@ class _Connection(asyncio.Protocol):
             return
         self.received += len(data)
         if self.received > MAX_ANSWER_BYTES:
-            self._fail(TransportError(f"the answer is longer than {MAX_ANSWER_BYTES} bytes"))
+            self._fail(TransportError(
+                f"the answer is longer than {MAX_ANSWER_BYTES} bytes", self._status()
+            ))
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(TransportError("the server switched protocols"))
         except httptools.HttpParserError as exc:
-            self._fail(TransportError(f"malformed HTTP answer: {exc}"))
+            self._fail(TransportError(f"malformed HTTP answer: {exc}", self._status()))
 
     def eof_received(self) -> bool:
         self.closed = True  # no request may be sent on it from now on
@@ -96,7 +109,7 @@ class _Connection(asyncio.Protocol):
             return
         why = ("the connection was closed before an answer" if self.received == 0
                else "the connection was closed in the middle of the answer")
-        waiter.set_exception(TransportError(f"{why}: {exc}" if exc else why))
+        waiter.set_exception(TransportError(f"{why}: {exc}" if exc else why, self._status()))
 
     # -- llhttp callbacks --------------------------------------------------
 
@@ -106,10 +119,12 @@ class _Connection(asyncio.Protocol):
             # A second answer to one request.
             self.close()
         self._headers = {}
-        self._body = []
+        self._body = bytearray()
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a chunked body's trailer: it does not override the head
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -121,11 +136,14 @@ class _Connection(asyncio.Protocol):
         )
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        self._body += body
 
     def on_message_complete(self) -> None:
         if 100 <= self._parser.get_status_code() < 200:
-            return  # an interim answer (100 Continue); the final one follows
+            # An interim answer (100 Continue); the final one follows, and a
+            # connection lost before it is no answer at all.
+            self._headers_done = self._ends_at_eof = False
+            return
         self._finish()
 
     # -- the client's side ---------------------------------------------------
@@ -143,17 +161,27 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
+    def abort(self) -> None:
+        """Close at once: a connection being thrown away owes its peer no TLS goodbye,
+        and a hung peer would otherwise hold its socket for the close's timeout."""
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _status(self) -> int | None:
+        return self._parser.get_status_code() if self._headers_done else None
+
     def _finish(self) -> None:
         waiter = self._waiter
-        answer = Answer(self._parser.get_status_code(), self._headers, b"".join(self._body))
-        self._body = []
+        answer = Answer(self._parser.get_status_code(), self._headers, bytes(self._body))
+        self._body = bytearray()
         if not self._keep_alive:
             self.close()
         if waiter is not None and not waiter.done():
             waiter.set_result(answer)
 
     def _fail(self, exc: TransportError) -> None:
-        self.close()
+        self.abort()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
@@ -173,6 +201,9 @@ class Client:
         self._host = url.raw_host
         self._port = url.port
         self._tls = ssl.create_default_context() if url.scheme == "https" else None
+        # A fully qualified name's root dot is no part of the name a certificate
+        # names (aiohttp drops it too).
+        self._tls_name = self._host.rstrip(".") if self._tls else None
         self._prefix = url.raw_path.rstrip("/")
         host = f"[{self._host}]" if ":" in self._host else self._host
         if not url.is_default_port():
@@ -184,6 +215,7 @@ class Client:
         self._idle: collections.deque[_Connection] = collections.deque()
         self._busy: set[_Connection] = set()
         self._slots = asyncio.Semaphore(limit)
+        self._closed = False
 
     async def request(
         self, method: str, target: str, *, headers: str = "", body: bytes | None = None,
@@ -193,7 +225,10 @@ class Client:
 
         Raises TransportError when no whole answer arrives. A caller that gives up
         (a timeout) closes the connection: its answer may still be on the way.
+        Only GET and POST: llhttp reads an answer to HEAD as if it had a body.
         """
+        if method not in ("GET", "POST"):
+            raise ValueError(f"unsupported method {method}")
         head = f"{method} {self._prefix}{target} HTTP/1.1\r\n{self._head}{headers}"
         if body is not None:
             head += f"Content-Length: {len(body)}\r\n"
@@ -201,6 +236,7 @@ class Client:
         if body:
             request += body
         async with self._slots:
+            self._check_open()
             conn = self._take_idle()
             if conn is not None and method == "GET":
                 try:
@@ -212,7 +248,14 @@ class Client:
                 # out: nothing was read, and a GET can be sent again. A POST could
                 # have been acted on, so it fails like any lost answer.
                 conn = None
-            return await self._send(conn or await self._connect(), request)
+            if conn is None:
+                self._check_open()
+                conn = await self._connect()
+            return await self._send(conn, request)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("the client is closed")
 
     async def _send(self, conn: _Connection, request: bytes) -> Answer:
         self._busy.add(conn)
@@ -222,11 +265,13 @@ class Client:
             answered = True
         finally:
             self._busy.discard(conn)
-            if answered and not conn.closed:
+            if answered and not conn.closed and not self._closed:
                 conn.idle_since = time.monotonic()
                 self._idle.append(conn)
-            else:
+            elif answered:
                 conn.close()
+            else:
+                conn.abort()  # its answer may still be on the way
         return _decoded(answer)
 
     def _take_idle(self) -> _Connection | None:
@@ -246,7 +291,12 @@ class Client:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await loop.create_connection(
-                lambda: _Connection(loop), self._host, self._port, ssl=self._tls
+                lambda: _Connection(loop), self._host, self._port, ssl=self._tls,
+                server_hostname=self._tls_name,
+                # Happy eyeballs, as aiohttp: an address that drops the connect
+                # (a broken IPv6 route, a dead node behind DNS) costs 250 ms,
+                # not the whole request timeout.
+                happy_eyeballs_delay=0.25, interleave=1,
             )
         except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is one)
             raise TransportError(
@@ -255,6 +305,7 @@ class Client:
         return conn
 
     async def close(self) -> None:
+        self._closed = True
         for conn in (*self._idle, *self._busy):
             conn.close()
         self._idle.clear()
@@ -269,7 +320,9 @@ def _decoded(answer: Answer) -> Answer:
     if encoding in ("", "identity"):
         return answer
     if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise TransportError(f"the answer has an unsupported Content-Encoding {encoding!r}")
+        raise TransportError(
+            f"the answer has an unsupported Content-Encoding {encoding!r}", answer.status
+        )
     # wbits 47 reads a gzip or a zlib header; "deflate" is sometimes sent raw (-15).
     for wbits in (47, -15):
         inflater = zlib.decompressobj(wbits)
@@ -278,6 +331,10 @@ def _decoded(answer: Answer) -> Answer:
         except zlib.error:
             continue
         if inflater.unconsumed_tail:
-            raise TransportError(f"the answer inflates past {MAX_ANSWER_BYTES} bytes")
+            raise TransportError(
+                f"the answer inflates past {MAX_ANSWER_BYTES} bytes", answer.status
+            )
+        if not inflater.eof:
+            raise TransportError(f"the answer's {encoding} body is cut short", answer.status)
         return Answer(answer.status, answer.headers, body)
-    raise TransportError(f"the answer's {encoding} body cannot be inflated")
+    raise TransportError(f"the answer's {encoding} body cannot be inflated", answer.status)

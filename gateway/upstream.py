@@ -102,9 +102,23 @@ class Upstream:
                         method, target, body=body,
                         headers=self._headers if body is None else self._json_headers,
                     )
-            except (TimeoutError, TransportError) as exc:
+            except TransportError as exc:
+                if exc.status is None:
+                    raise TransientUpstreamError(f"cannot reach APIXO: {exc}") from exc
+                code = str(exc.status)
+                if 200 <= exc.status < 300:
+                    # APIXO had the request and said yes; only the rest of its
+                    # answer is lost. See UnreadableAnswer.
+                    raise UnreadableAnswer(
+                        f"APIXO answered HTTP {exc.status} but its answer is unreadable: {exc}",
+                        exc.status,
+                    ) from exc
                 raise TransientUpstreamError(
-                    f"cannot reach APIXO: {type(exc).__name__}: {exc}"
+                    f"APIXO answered HTTP {exc.status} but its answer is unreadable: {exc}"
+                ) from exc
+            except TimeoutError as exc:
+                raise TransientUpstreamError(
+                    f"cannot reach APIXO: no answer within {self._timeout_seconds:g} s"
                 ) from exc
             code = str(answer.status)
             return answer.status, self._payload(answer)

@@ -178,7 +178,11 @@ async def test_a_get_on_a_connection_closed_under_it_is_sent_again() -> None:
     (b"<html>not http</html>\r\n\r\n", "malformed HTTP answer"),
     (sized(b"x", "Content-Encoding: br"), "unsupported Content-Encoding"),
     (sized(b"not gzip", "Content-Encoding: gzip"), "cannot be inflated"),
-], ids=["no-answer", "cut-body", "cut-head", "not-http", "brotli", "bad-gzip"])
+    (sized(gzip.compress(bytes(range(256)) * 4)[:200], "Content-Encoding: gzip"), "cut short"),
+    # An interim answer, then nothing: no final answer came.
+    (answer(b"", status="103 Early Hints"), "closed in the middle"),
+], ids=["no-answer", "cut-body", "cut-head", "not-http", "brotli", "bad-gzip", "cut-gzip",
+        "interim-only"])
 async def test_no_whole_answer_is_a_transport_error(reply: bytes | None, needle: str) -> None:
     def respond(_: bytes) -> bytes | None:
         return reply
@@ -190,6 +194,55 @@ async def test_no_whole_answer_is_a_transport_error(reply: bytes | None, needle:
         with pytest.raises(TransportError):
             await get(client)
         assert server.connections == 2
+
+
+@pytest.mark.parametrize(("reply", "status"), [
+    (None, None),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"cut", 200),
+    (b"HTTP/1.1 503 Busy\r\nContent-Length: 50\r\n\r\n{\"cut", 503),
+    (sized(b"x", "Content-Encoding: br"), 200),
+], ids=["no-answer", "cut-200", "cut-503", "brotli-200"])
+async def test_a_transport_error_says_whether_the_server_had_answered(
+    reply: bytes | None, status: int | None
+) -> None:
+    """A status that arrived means the server acted on the request: a submit must not
+    be sent again (see Upstream.submit)."""
+    async with raw_server(lambda _: reply, close_after=True) as server, \
+            client_for(server.url) as client:
+        with pytest.raises(TransportError) as caught:
+            await get(client)
+    assert caught.value.status == status
+
+
+async def test_trailers_do_not_override_the_head_and_tiny_chunks_are_read_whole() -> None:
+    chunks = b"".join(b"1\r\n" + bytes([c]) + b"\r\n" for c in b'{"a": 1}')
+    reply = answer(chunks + b"0\r\nRetry-After: 99\r\n\r\n", "Transfer-Encoding: chunked",
+                   "Retry-After: 1", "Trailer: Retry-After")
+    async with raw_server(lambda _: reply) as server, client_for(server.url) as client:
+        got = await get(client)
+    assert (got.body, got.headers["retry-after"]) == (b'{"a": 1}', "1")
+
+
+async def test_a_closed_client_sends_nothing_more() -> None:
+    async with raw_server(lambda _: sized(b"{}"), delay=0.2) as server:
+        client = Client(server.url, limit=4, user_agent="test")
+        in_flight = asyncio.ensure_future(get(client))
+        await asyncio.sleep(0.05)
+        await client.close()
+        with pytest.raises(TransportError):
+            await in_flight
+        with pytest.raises(TransportError, match="closed"):
+            await get(client)
+        await asyncio.sleep(0.3)
+        assert server.connections == 1
+        assert server.open_now == 0
+
+
+async def test_only_get_and_post_are_sent() -> None:
+    async with raw_server(lambda _: sized(b"{}")) as server, client_for(server.url) as client:
+        with pytest.raises(ValueError, match="HEAD"):
+            await client.request("HEAD", "/x")
+    assert server.requests == []
 
 
 async def test_an_oversized_answer_is_refused() -> None:

@@ -310,6 +310,40 @@ async def test_an_upstream_answer_with_nan_in_a_field_is_still_read() -> None:
     assert calls == 1
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"code\": 200, \"data\"",
+    b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["cut-short", "unreadable-encoding"])
+async def test_a_submit_whose_200_answer_is_lost_midway_is_not_sent_again(
+    answer: bytes,
+) -> None:
+    """APIXO said 200 (it created, and bills, the task) but the rest of its answer is
+    lost: sending the submit again would create and bill a second task."""
+    posts = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        await reader.readuntil(b"\r\n\r\n")
+        posts += 1
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = Upstream(base_url=f"http://127.0.0.1:{port}/api/v1", api_key="k",
+                        timeout_seconds=2, max_retries=2, metrics=Metrics())
+    try:
+        async with server:
+            with pytest.raises(APIError) as caught:
+                await upstream.submit("grok-image", "{}")
+    finally:
+        await upstream.close()
+    assert caught.value.code == 502
+    assert "not sent again" in caught.value.error
+    assert posts == 1
+
+
 @pytest.mark.parametrize(("fault", "status", "needle"), [
     # APIXO created the task and answered 200, but the body was cut short: a
     # second submit would be a second billed task.

@@ -173,7 +173,6 @@ def _type_name(default: Any) -> str:
     return "a string"
 
 
-
 def _base_url_problem(base_url: str) -> str | None:
     if not base_url.startswith(("http://", "https://")):
         return "must start with http:// or https://"
@@ -186,6 +185,7 @@ def _base_url_problem(base_url: str) -> str | None:
     if url.query_string or url.fragment:
         return f"must have no query or fragment: {base_url!r}"
     return None
+
 
 def _section(name: str, raw: Any, cls: type, problems: list[str]) -> Any:
     if not isinstance(raw, dict):

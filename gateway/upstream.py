@@ -106,16 +106,12 @@ class Upstream:
                 if exc.status is None:
                     raise TransientUpstreamError(f"cannot reach APIXO: {exc}") from exc
                 code = str(exc.status)
+                detail = f"APIXO answered HTTP {exc.status} but its answer is unreadable: {exc}"
                 if 200 <= exc.status < 300:
                     # APIXO had the request and said yes; only the rest of its
                     # answer is lost. See UnreadableAnswer.
-                    raise UnreadableAnswer(
-                        f"APIXO answered HTTP {exc.status} but its answer is unreadable: {exc}",
-                        exc.status,
-                    ) from exc
-                raise TransientUpstreamError(
-                    f"APIXO answered HTTP {exc.status} but its answer is unreadable: {exc}"
-                ) from exc
+                    raise UnreadableAnswer(detail, exc.status) from exc
+                raise TransientUpstreamError(detail) from exc
             except TimeoutError as exc:
                 raise TransientUpstreamError(
                     f"cannot reach APIXO: no answer within {self._timeout_seconds:g} s"

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import trustme
 
 from gateway.http1 import MAX_ANSWER_BYTES, Answer, Client, TransportError
 
@@ -284,29 +284,25 @@ async def test_nothing_listening_is_a_transport_error() -> None:
 
 
 @pytest.fixture
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 that no default trust store knows, and its key."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
+def private_ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
+    """A CA no default trust store knows, and its certificate as a PEM file."""
+    ca = trustme.CA()
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    return ca, pem
 
 
 async def test_https_verifies_the_certificate(
-    self_signed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    private_ca: tuple[trustme.CA, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cert, key = self_signed
+    ca, pem = private_ca
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(cert, key)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
     async with raw_server(lambda _: sized(b'{"tls": 1}'), tls=tls) as server:
         async with client_for(server.url) as client:
             with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
                 await get(client)
         # Trusted the way an operator trusts a private CA: OpenSSL's SSL_CERT_FILE.
-        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        monkeypatch.setenv("SSL_CERT_FILE", str(pem))
         async with client_for(server.url) as client:
             assert (await get(client)).body == b'{"tls": 1}'

@@ -44,6 +44,14 @@ class TransportError(Exception):
         self.status = status
 
 
+class AnswerTimeout(TransportError):
+    """The request went out and no whole answer came in time.
+
+    Unlike a request that never left (no connection within the time), the
+    server may have it and be acting on it.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
@@ -219,12 +227,17 @@ class Client:
 
     async def request(
         self, method: str, target: str, *, headers: str = "", body: bytes | None = None,
+        # Not left to the caller's asyncio.timeout: only here is it known whether
+        # the request had gone out when the time ran out.
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> Answer:
         """One request. target: the path under the base URL, with its query, already
-        percent-encoded; headers: more header lines, each ending in CRLF.
+        percent-encoded; headers: more header lines, each ending in CRLF; timeout:
+        seconds for all of it, from waiting for a connection to the last byte.
 
-        Raises TransportError when no whole answer arrives. A caller that gives up
-        (a timeout) closes the connection: its answer may still be on the way.
+        Raises TransportError when no whole answer arrives, AnswerTimeout when
+        the time ran out after the request went out. A caller that gives up
+        closes the connection: its answer may still be on the way.
         Only GET and POST: llhttp reads an answer to HEAD as if it had a body.
         """
         if method not in ("GET", "POST"):
@@ -235,10 +248,24 @@ class Client:
         request = (head + "\r\n").encode("latin-1")
         if body:
             request += body
+        if timeout is None:
+            return await self._request(method, request, [False])
+        sent = [False]
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._request(method, request, sent)
+        except TimeoutError:
+            if sent[0]:
+                raise AnswerTimeout(f"no answer within {timeout:g} s") from None
+            raise TransportError(f"no connection to send it on within {timeout:g} s") from None
+
+    async def _request(self, method: str, request: bytes, sent: list[bool]) -> Answer:
+        """request(); sent[0] becomes True once the request is on its way."""
         async with self._slots:
             self._check_open()
             conn = self._take_idle()
             if conn is not None and method == "GET":
+                sent[0] = True
                 try:
                     return await self._send(conn, request)
                 except TransportError:
@@ -251,6 +278,7 @@ class Client:
             if conn is None:
                 self._check_open()
                 conn = await self._connect()
+            sent[0] = True
             return await self._send(conn, request)
 
     def _check_open(self) -> None:

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from gateway import __version__, jsonio
 from gateway.errors import APIError
-from gateway.http1 import Answer, Client, TransportError
+from gateway.http1 import Answer, AnswerTimeout, Client, TransportError
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.upstream")
@@ -24,7 +24,7 @@ RETRY_AFTER_CAP_SECONDS = 30.0
 
 
 class TransientUpstreamError(Exception):
-    """429, 5xx, timeout or connection error: worth trying again later."""
+    """429, 5xx, no answer in time or a connection error: worth trying again later."""
 
     def __init__(self, detail: str, retry_after: float | None = None) -> None:
         super().__init__(detail)
@@ -38,6 +38,15 @@ class UnreadableAnswer(TransientUpstreamError):
     def __init__(self, detail: str, status: int) -> None:
         super().__init__(detail)
         self.status = status
+
+
+class NoAnswer(TransientUpstreamError):
+    """The request went out and no answer came within request_timeout_seconds.
+
+    Worth asking again for a status poll. A submit is not sent again: APIXO may
+    be working on it, and when it is slow rather than down every copy would
+    become a task it bills (see Upstream.submit).
+    """
 
 
 def _retry_after(headers: dict[str, str]) -> float | None:
@@ -97,11 +106,15 @@ class Upstream:
         code = "error"
         try:
             try:
-                async with asyncio.timeout(self._timeout_seconds):
-                    answer = await self._client.request(
-                        method, target, body=body,
-                        headers=self._headers if body is None else self._json_headers,
-                    )
+                answer = await self._client.request(
+                    method, target, body=body,
+                    headers=self._headers if body is None else self._json_headers,
+                    timeout=self._timeout_seconds,
+                )
+            except AnswerTimeout as exc:
+                raise NoAnswer(
+                    f"no answer from APIXO within {self._timeout_seconds:g} s"
+                ) from exc
             except TransportError as exc:
                 if exc.status is None:
                     raise TransientUpstreamError(f"cannot reach APIXO: {exc}") from exc
@@ -112,10 +125,6 @@ class Upstream:
                     # answer is lost. See UnreadableAnswer.
                     raise UnreadableAnswer(detail, exc.status) from exc
                 raise TransientUpstreamError(detail) from exc
-            except TimeoutError as exc:
-                raise TransientUpstreamError(
-                    f"cannot reach APIXO: no answer within {self._timeout_seconds:g} s"
-                ) from exc
             code = str(answer.status)
             return answer.status, self._payload(answer)
         finally:
@@ -157,6 +166,13 @@ class Upstream:
                 status, payload = await self._call(
                     "submit", "POST", f"/generateTask/{quote(model, safe='')}", encoded
                 )
+            except NoAnswer as exc:
+                log.error("APIXO did not answer a submit in time; not resubmitted",
+                          extra={"error": str(exc)})
+                raise APIError(
+                    502, f"{exc}; the task may exist upstream, so it was not sent again",
+                    message="Upstream provider or network error",
+                ) from None
             except UnreadableAnswer as exc:
                 if 200 <= exc.status < 300:
                     # APIXO accepted the task but its id cannot be read. Sending it

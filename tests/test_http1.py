@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from gateway.http1 import MAX_ANSWER_BYTES, Answer, Client, TransportError
+from gateway.http1 import MAX_ANSWER_BYTES, Answer, AnswerTimeout, Client, TransportError
 
 # Given the request's bytes, what to write back; None closes without a word.
 Respond = Callable[[bytes], bytes | None]
@@ -264,6 +264,30 @@ async def test_a_caller_that_gives_up_does_not_get_a_late_answer_next_time() -> 
                 await client.request("GET", "/a")
         assert (await get(client)).body == b'{"fresh": 1}'
         assert server.connections == 2
+
+
+async def test_a_request_that_went_out_and_got_no_answer_in_time_is_an_answer_timeout(
+) -> None:
+    answers = iter([b'{"late": 1}', b'{"fresh": 1}'])
+    async with raw_server(lambda _: sized(next(answers)), delay=0.3) as server, \
+            client_for(server.url) as client:
+        with pytest.raises(AnswerTimeout, match=r"no answer within 0\.1 s"):
+            await client.request("POST", "/generateTask/m", body=b"{}", timeout=0.1)
+        assert len(server.requests) == 1  # it had gone out
+        fresh = await client.request("GET", "/a", timeout=2)
+        assert fresh.body == b'{"fresh": 1}'
+
+
+async def test_time_spent_waiting_for_a_connection_is_not_an_answer_timeout() -> None:
+    async with raw_server(lambda _: sized(b"{}"), delay=0.5) as server, \
+            client_for(server.url, limit=1) as client:
+        busy = asyncio.create_task(client.request("GET", "/slow"))
+        await asyncio.sleep(0.05)  # the one connection is taken
+        with pytest.raises(TransportError, match="no connection to send it on") as caught:
+            await client.request("POST", "/generateTask/m", body=b"{}", timeout=0.1)
+        assert not isinstance(caught.value, AnswerTimeout)
+        await busy
+        assert [r.split(b" ")[1] for r in server.requests] == [b"/api/v1/slow"]
 
 
 async def test_no_more_than_limit_connections_are_open_at_once() -> None:

@@ -7,8 +7,10 @@ import asyncio
 import errno
 import gc
 import logging
+import math
 import os
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -119,6 +121,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except DatabaseLockError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except socket.gaierror as exc:  # a --host or server.host that names nothing
+        print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 2
     except OSError as exc:
         if exc.errno not in _CANNOT_LISTEN:
             raise
@@ -154,6 +159,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0-65535, got {text!r}")
+    return port
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan  # fails every range check below
+
+
+def _seconds(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apixo-gateway",
@@ -164,16 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help=f"config file (default ./{DEFAULT_CONFIG})")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--port", type=_port)
     serve.add_argument("--mock-upstream", action="store_true",
                        help="use the bundled APIXO simulator as upstream (no key needed)")
     serve.set_defaults(func=cmd_serve)
 
     mock = sub.add_parser("mock-upstream", help="run the APIXO simulator alone")
     mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=8090)
-    mock.add_argument("--latency", type=float, default=2.0, help="seconds until a task is final")
-    mock.add_argument("--fail-rate", type=float, default=0.0, help="share of tasks that fail")
+    mock.add_argument("--port", type=_port, default=8090)
+    mock.add_argument("--latency", type=_seconds, default=2.0,
+                      help="seconds until a task is final")
+    mock.add_argument("--fail-rate", type=_share, default=0.0,
+                      help="share of tasks that fail, 0 to 1")
     mock.set_defaults(func=cmd_mock_upstream)
 
     check = sub.add_parser("check-config", help="validate a config file")

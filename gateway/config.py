@@ -227,7 +227,25 @@ def _section(name: str, raw: Any, cls: type, problems: list[str]) -> Any:
             problems.append(f"upstream.base_url: {url_problem}")
     if name == "server" and "port" in values and values["port"] > 65535:
         problems.append("server.port: must be at most 65535")
+    if name == "server" and "host" in values and not str(values["host"]).strip():
+        problems.append("server.host: must be an address or host name, got ''")
+    if name == "upstream" and "api_key_env" in values and not str(values["api_key_env"]).strip():
+        problems.append("upstream.api_key_env: must name an environment variable, got ''")
+    if name == "storage" and "path" in values:
+        path_problem = _storage_path_problem(str(values["path"]))
+        if path_problem:
+            problems.append(f"storage.path: {path_problem}")
     return cls(**values)
+
+
+def _storage_path_problem(path: str) -> str | None:
+    # SQLite reads "" and ":memory:" as databases that vanish with the process,
+    # and a "file:" URI as a path only with flags this gateway never sets.
+    if not path.strip():
+        return "must be a file path, got ''"
+    if path == ":memory:" or path.startswith("file:"):
+        return f"must be a file path (the database must outlive the process), got {path!r}"
+    return None
 
 
 # Far above any real price or budget, far below where sums of micro-dollars
@@ -400,10 +418,19 @@ def storage_problems(storage: StorageConfig) -> list[str]:
     directory = Path(storage.path).parent
     if not directory.is_dir():
         return [f"storage.path: the directory {str(directory)!r} does not exist"]
+    if Path(storage.path).is_dir():
+        return [f"storage.path: {storage.path!r} is a directory, not a database file"]
     return []
 
 
-def load_config(path: str | Path, *, check_storage: bool = False) -> Config:
+def load_config(
+    path: str | Path, *, check_storage: bool = False, serving: bool = True
+) -> Config:
+    """The file's Config, or a ConfigError listing every problem.
+
+    serving: the file is to run a gateway (serve, check-config, a reload), not
+    only to find its database (usage), so it must have teams and prices.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -415,7 +442,20 @@ def load_config(path: str | Path, *, check_storage: bool = False) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    return parse_config(raw, source=str(path), check_storage=check_storage)
+    # A file that parses but serves nobody is a mistake, not a choice: every
+    # request would be refused. (parse_config alone allows it, for defaults.)
+    useless = []
+    if serving and raw.get("teams") in (None, []):
+        useless.append("teams: no team is configured, so every request would get a 401")
+    if serving and raw.get("pricing") == {}:
+        useless.append("pricing: no model is priced, so every submit would get a 404")
+    try:
+        config = parse_config(raw, source=str(path), check_storage=check_storage)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems + useless) from None
+    if useless:
+        raise ConfigError(useless)
+    return config
 
 
 # Read once at startup (the listening socket, the database file, the upstream

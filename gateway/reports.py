@@ -154,7 +154,7 @@ def _write_csv(rows: list[dict[str, Any]], by_day: bool, out: TextIO) -> None:
 def cmd_usage(args: argparse.Namespace) -> int:
     path = args.config or "config.toml"
     try:
-        config = load_config(path)
+        config = load_config(path, serving=False)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)

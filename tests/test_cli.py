@@ -36,6 +36,9 @@ budget_ud = 50.0
 """
 
 
+ONE_TEAM = '[[teams]]\nname = "design"\napi_keys = ["plain:k"]\n'
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -226,7 +229,7 @@ def test_check_config_refuses_non_finite_numbers_and_a_missing_database_director
     config = tmp_path / "config.toml"
     config.write_text(
         "[upstream]\nfirst_poll_seconds = nan\npoll_interval_seconds = inf\n"
-        f"[storage]\npath = \"{tmp_path / 'no-such-dir' / 'gateway.db'}\"\n"
+        f"[storage]\npath = \"{tmp_path / 'no-such-dir' / 'gateway.db'}\"\n" + ONE_TEAM
     )
     result = run_cli("check-config", "--config", str(config))
     assert result.returncode == 1, result.stdout
@@ -237,7 +240,9 @@ def test_check_config_refuses_non_finite_numbers_and_a_missing_database_director
     assert any(ln.startswith("storage.path") and "does not exist" in ln for ln in lines)
     assert "3 problem" in result.stderr
     # serve stops with one line per problem, not a traceback from SQLite.
-    config.write_text(f"[storage]\npath = \"{tmp_path / 'no-such-dir' / 'gateway.db'}\"\n")
+    config.write_text(
+        f"[storage]\npath = \"{tmp_path / 'no-such-dir' / 'gateway.db'}\"\n" + ONE_TEAM
+    )
     result = run_cli("check-config", "--config", str(config))
     assert result.returncode == 1 and "storage.path" in result.stdout
     result = run_cli("serve", "--mock-upstream", "--config", str(config),
@@ -247,6 +252,75 @@ def test_check_config_refuses_non_finite_numbers_and_a_missing_database_director
         f"config error: storage.path: the directory {str(tmp_path / 'no-such-dir')!r} "
         "does not exist"
     ]
+
+
+@pytest.mark.parametrize(("setting", "problem"), [
+    ('[storage]\npath = ""', "storage.path: must be a file path, got ''"),
+    ('[storage]\npath = ":memory:"', "storage.path: must be a file path (the database must "
+                                      "outlive the process), got ':memory:'"),
+    ('[upstream]\napi_key_env = " "',
+     "upstream.api_key_env: must name an environment variable, got ''"),
+    ('[server]\nhost = ""', "server.host: must be an address or host name, got ''"),
+    ("[pricing]", "pricing: no model is priced, so every submit would get a 404"),
+])
+def test_check_config_refuses_settings_that_serve_could_not_use(
+    tmp_path: Path, setting: str, problem: str,
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(setting + "\n" + ONE_TEAM)
+    result = run_cli("check-config", "--config", str(config), cwd=tmp_path)
+    assert (result.returncode, result.stdout.splitlines()) == (1, [problem])
+    result = run_cli("serve", "--mock-upstream", "--config", str(config),
+                     "--port", str(free_port()), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"config error: {problem}"]
+    assert list(tmp_path.iterdir()) == [config]  # nothing created on the way
+
+
+def test_check_config_refuses_a_directory_as_the_database_and_a_file_without_teams(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\npath = "{tmp_path}"\n' + ONE_TEAM)
+    result = run_cli("check-config", "--config", str(config))
+    assert result.stdout.splitlines() == [
+        f"storage.path: {str(tmp_path)!r} is a directory, not a database file"
+    ]
+    for teams in ("", "teams = []\n"):
+        config.write_text(teams)
+        result = run_cli("check-config", "--config", str(config))
+        assert (result.returncode, result.stdout.splitlines()) == (
+            1, ["teams: no team is configured, so every request would get a 401"]
+        )
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--port", "70000"],
+    ["mock-upstream", "--port", "-1"],
+    ["mock-upstream", "--latency", "-1"],
+    ["mock-upstream", "--latency", "soon"],
+    ["mock-upstream", "--fail-rate", "2"],
+    ["mock-upstream", "--fail-rate", "nan"],
+])
+def test_impossible_command_line_values_are_refused_by_name(args: list[str]) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert f"error: argument {args[1]}: must be" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_host_that_names_nothing_says_so_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(ONE_TEAM)
+    port = free_port()
+    result = run_cli("serve", "--mock-upstream", "--config", str(config),
+                     "--host", "no-such-host.invalid", "--port", str(port), cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: cannot listen on no-such-host.invalid:{port}: "
+    ), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_check_config_reports_a_nameless_teams_other_problems_and_absurd_amounts(

@@ -135,6 +135,9 @@ class SimState:
     fail_rate: float
     balance_cents: int = START_BALANCE_CENTS
     tasks: dict[str, Task] = field(default_factory=dict)
+    # Result files are named by a key of their own, as APIXO's are: a URL in a
+    # gateway's answer must not show the upstream task id the gateway hides.
+    files: dict[str, str] = field(default_factory=dict)
     unsettled: set[str] = field(default_factory=set)
     stats: Stats = field(default_factory=Stats)
     faults: Faults = field(default_factory=Faults)
@@ -275,7 +278,8 @@ async def _submit(request: web.Request) -> web.Response:
 
     task_id = f"task_{secrets.token_hex(8)}"
     base = f"{request.scheme}://{request.host}"
-    urls = [f"{base}/files/{task_id}-{i}.png" for i in range(n_images)]
+    file_key = secrets.token_hex(8)
+    urls = [f"{base}/files/{file_key}-{i}.png" for i in range(n_images)]
     task = Task(
         task_id=task_id,
         model=model,
@@ -290,6 +294,7 @@ async def _submit(request: web.Request) -> web.Response:
         callback_url=submission.callback_url,
     )
     state.tasks[task_id] = task
+    state.files[file_key] = task_id
     state.unsettled.add(task_id)
     state.stats.submits += 1
     state.stats.task_ids.append(task_id)
@@ -343,8 +348,8 @@ async def _balance(request: web.Request) -> web.Response:
 async def _file(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
     name = request.match_info["name"]
-    task_id, _, index = name.rpartition("-")
-    task = state.tasks.get(task_id)
+    file_key, _, index = name.rpartition("-")
+    task = state.tasks.get(state.files.get(file_key, ""))
     # A file exists only once its task has succeeded, like a real result URL.
     if (
         task is None

@@ -97,6 +97,7 @@ async def test_happy_path_pending_then_success_with_png(sim: Sim) -> None:
     assert data["completeTime"] == data["createTime"] + 500
     urls = json.loads(data["resultJson"])["resultUrls"]
     assert len(urls) == 1 and urls[0].startswith(sim.base + "/files/")
+    assert task_id not in urls[0]  # like APIXO's: nothing of the task id to pass on
     async with sim.http.get(urls[0]) as resp:
         assert resp.status == 200
         assert resp.content_type == "image/png"

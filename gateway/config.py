@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -187,6 +188,30 @@ def _base_url_problem(base_url: str) -> str | None:
     return None
 
 
+def _storage_path_problem(path: str) -> str | None:
+    # SQLite reads "" and ":memory:" as databases that vanish with the process,
+    # and a "file:" URI as a path only with flags this gateway never sets.
+    if not path.strip():
+        return "must be a file path, got ''"
+    if path == ":memory:" or path.startswith("file:"):
+        return f"must be a file path (the database must outlive the process), got {path!r}"
+    return None
+
+
+def _nonblank(rule: str) -> Callable[[str], str | None]:
+    return lambda value: None if value.strip() else f"{rule}, got ''"
+
+
+# Checks of one value past its type and range: a problem, or None.
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "server.port": lambda port: "must be at most 65535" if port > 65535 else None,
+    "server.host": _nonblank("must be an address or host name"),
+    "upstream.base_url": _base_url_problem,
+    "upstream.api_key_env": _nonblank("must name an environment variable"),
+    "storage.path": _storage_path_problem,
+}
+
+
 def _section(name: str, raw: Any, cls: type, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"{name}: must be a table")
@@ -220,32 +245,12 @@ def _section(name: str, raw: Any, cls: type, problems: list[str]) -> Any:
             choices = ", ".join(repr(c) for c in _CHOICES[path])
             problems.append(f"{path}: must be one of {choices}, got {value!r}")
             continue
+        problem = _CHECKS[path](value) if path in _CHECKS else None
+        if problem:
+            problems.append(f"{path}: {problem}")
+            continue
         values[key] = value
-    if name == "upstream" and "base_url" in values:
-        url_problem = _base_url_problem(str(values["base_url"]))
-        if url_problem:
-            problems.append(f"upstream.base_url: {url_problem}")
-    if name == "server" and "port" in values and values["port"] > 65535:
-        problems.append("server.port: must be at most 65535")
-    if name == "server" and "host" in values and not str(values["host"]).strip():
-        problems.append("server.host: must be an address or host name, got ''")
-    if name == "upstream" and "api_key_env" in values and not str(values["api_key_env"]).strip():
-        problems.append("upstream.api_key_env: must name an environment variable, got ''")
-    if name == "storage" and "path" in values:
-        path_problem = _storage_path_problem(str(values["path"]))
-        if path_problem:
-            problems.append(f"storage.path: {path_problem}")
     return cls(**values)
-
-
-def _storage_path_problem(path: str) -> str | None:
-    # SQLite reads "" and ":memory:" as databases that vanish with the process,
-    # and a "file:" URI as a path only with flags this gateway never sets.
-    if not path.strip():
-        return "must be a file path, got ''"
-    if path == ":memory:" or path.startswith("file:"):
-        return f"must be a file path (the database must outlive the process), got {path!r}"
-    return None
 
 
 # Far above any real price or budget, far below where sums of micro-dollars

@@ -248,8 +248,6 @@ class Client:
         request = (head + "\r\n").encode("latin-1")
         if body:
             request += body
-        if timeout is None:
-            return await self._request(method, request, [False])
         sent = [False]
         try:
             async with asyncio.timeout(timeout):

@@ -49,6 +49,14 @@ class NoAnswer(TransientUpstreamError):
     """
 
 
+def _not_resent(exc: TransientUpstreamError, what: str, message: str) -> APIError:
+    """The client's error for a submit APIXO may have acted on: it is not sent again."""
+    log.error(f"{what}; not resubmitted", extra={"error": str(exc)})
+    return APIError(
+        502, f"{exc}; the task may exist upstream, so it was not sent again", message=message,
+    )
+
+
 def _retry_after(headers: dict[str, str]) -> float | None:
     value = headers.get("retry-after")
     if value is None:
@@ -167,22 +175,16 @@ class Upstream:
                     "submit", "POST", f"/generateTask/{quote(model, safe='')}", encoded
                 )
             except NoAnswer as exc:
-                log.error("APIXO did not answer a submit in time; not resubmitted",
-                          extra={"error": str(exc)})
-                raise APIError(
-                    502, f"{exc}; the task may exist upstream, so it was not sent again",
-                    message="Upstream provider or network error",
-                ) from None
+                raise _not_resent(exc, "APIXO did not answer a submit in time",
+                                  "Upstream provider or network error") from None
             except UnreadableAnswer as exc:
                 if 200 <= exc.status < 300:
                     # APIXO accepted the task but its id cannot be read. Sending it
                     # again would create (and bill) a second one; the team is
                     # refunded, as for a task whose acceptance a restart lost.
-                    log.error("APIXO accepted a submit but its answer cannot be read; "
-                              "not resubmitted", extra={"status": exc.status})
-                    raise APIError(
-                        502, f"{exc}; the task may exist upstream, so it was not sent again",
-                        message="Upstream error",
+                    raise _not_resent(
+                        exc, "APIXO accepted a submit but its answer cannot be read",
+                        "Upstream error",
                     ) from None
                 # A refusal (an HTML page from a proxy in front of APIXO, say):
                 # the same request would be refused again.
